@@ -1,0 +1,70 @@
+"""``keystep build`` for DiT models: load, validate the plan and scheduler, export the stages, write the bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from keystep.runtime.plan import parse_key_steps
+from keystep.runtime.schedulers import class_name_for_scheduler, make_scheduler
+
+from .bundle_writer import write_bundle
+from .dit_export import dit_stages
+from .dit_loaders import load_dit
+from .errors import ModelLoadError
+
+# facebookresearch DiT trains with a linear beta schedule over 1000 steps; other fields keep diffusers' defaults.
+DIT_TRAINING_SCHEDULE = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+}
+DIT_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.3}
+
+
+def resolve_scheduler_config(model_config: dict | None, config_file: str | None, name: str | None) -> dict:
+    """The bundle's scheduler: --scheduler-config file, else the model's own, else DiT's training schedule;
+    --scheduler then picks the class (fields of the other classes are ignored, as diffusers' from_config does)."""
+    if config_file:
+        try:
+            config = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read scheduler config {config_file}: {exc}") from exc
+    else:
+        config = dict(model_config or DIT_TRAINING_SCHEDULE)
+    if name is not None:
+        config["_class_name"] = class_name_for_scheduler(name)
+    make_scheduler(config)  # validate now: a bad field fails the build, not the first generate
+    return config
+
+
+def build_dit_bundle(
+    model: str,
+    out: str,
+    split: int | None = None,
+    scheduler: str | None = None,
+    scheduler_config: str | None = None,
+    steps: int = 50,
+    key_steps: str = "default",
+    guidance: float = 4.0,
+    num_heads: int | None = None,
+    progress=print,
+) -> Path:
+    loaded = load_dit(model, num_heads=num_heads)
+    cfg = loaded.model.config
+    split = cfg.default_split if split is None else split
+    parse_key_steps(key_steps, steps, "dit")  # fail early on a plan that does not fit
+    sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
+    stages = dit_stages(loaded.model, split, loaded.vae)
+    fields = {
+        "family": "dit",
+        "model_config": cfg.to_dict(),
+        "split": split,
+        "source": {"kind": loaded.source_kind, "path": model if loaded.source_kind == "random" else str(Path(model).resolve())},
+        "labels": {str(k): v for k, v in sorted(loaded.labels.items())},
+        "scheduler": sched,
+        "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **DIT_NOISE_INJECTION},
+    }
+    return write_bundle(Path(out), stages, fields, progress=progress)

@@ -1,0 +1,5 @@
+"""Errors raised for bad user input while loading or exporting a model (printed without a traceback)."""
+
+
+class ModelLoadError(ValueError):
+    """The model directory or checkpoint is missing, unreadable or not the expected kind."""

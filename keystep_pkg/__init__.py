@@ -1,0 +1,1 @@
+"""keystep: a deployment compiler for diffusion models."""

@@ -1,0 +1,47 @@
+"""ONNX Runtime backend (CPU execution provider here; CUDA/TensorRT providers where installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..bundle import StageSpec
+from .base import BackendError, check_feeds
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendError("the onnxruntime backend needs the 'onnxruntime' package: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, spec: StageSpec, session):
+        self.spec = spec
+        self._session = session
+        self._output_names = [o.name for o in spec.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.spec, feeds)
+        return dict(zip(self._output_names, self._session.run(self._output_names, feeds)))
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, threads: int | None = None, providers: list[str] | None = None):
+        self._ort = _import_ort()
+        self.threads = threads
+        self.providers = providers or ["CPUExecutionProvider"]
+
+    def load(self, spec: StageSpec) -> OnnxRuntimeRunner:
+        options = self._ort.SessionOptions()
+        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        try:
+            session = self._ort.InferenceSession(str(spec.path), options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types for invalid graphs
+            raise BackendError(f"onnxruntime cannot load stage {spec.name!r} from {spec.path}: {exc}") from exc
+        return OnnxRuntimeRunner(spec, session)

@@ -1,0 +1,128 @@
+"""Bundle = a directory with ``manifest.json`` and the stage graphs it names. Loading verifies schema and hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class BundleError(ValueError):
+    """The bundle is missing, unreadable, corrupt or does not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    name: str
+    dtype: str
+    shape: tuple  # ints and symbolic axis names ("batch")
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == "batch" else d for d in self.shape)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    path: Path  # the graph file (external data files, if any, sit next to it)
+    inputs: tuple[IOSpec, ...]
+    outputs: tuple[IOSpec, ...]
+    flops_per_sample: int | None
+    flops_constant: int
+
+    def flops(self, batch: int) -> int | None:
+        if self.flops_per_sample is None:
+            return None
+        return self.flops_per_sample * batch + self.flops_constant
+
+
+class Bundle:
+    def __init__(self, root: Path, manifest: dict, stages: dict[str, StageSpec]):
+        self.root = root
+        self.manifest = manifest
+        self.stages = stages
+
+    @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    @property
+    def model_config(self) -> dict:
+        return self.manifest["model_config"]
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.manifest["scheduler"]
+
+    @property
+    def default_plan(self) -> dict:
+        return self.manifest["default_plan"]
+
+    @classmethod
+    def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        root = Path(root)
+        manifest_path = root / MANIFEST_NAME
+        if not root.is_dir():
+            raise BundleError(f"bundle directory not found: {root}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"{root} is not a bundle: {MANIFEST_NAME} is missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"unreadable manifest {manifest_path}: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"unreadable manifest {manifest_path}: not a JSON object")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(f"{manifest_path}: schema_version {version!r}, this keystep reads {SCHEMA_VERSION}")
+        missing = [k for k in ("family", "model_config", "stages", "scheduler", "default_plan") if k not in manifest]
+        if missing:
+            raise BundleError(f"{manifest_path}: missing fields {', '.join(missing)}")
+        stages = {name: _stage_spec(root, name, entry, verify) for name, entry in manifest["stages"].items()}
+        return cls(root, manifest, stages)
+
+    def stage(self, name: str) -> StageSpec:
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise BundleError(f"bundle {self.root} has no stage {name!r} (has: {', '.join(self.stages)})") from None
+
+
+def _io(entries: list[dict]) -> tuple[IOSpec, ...]:
+    return tuple(IOSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in entries)
+
+
+def _stage_spec(root: Path, name: str, entry: dict, verify: bool) -> StageSpec:
+    try:
+        files = entry["files"]
+        flops = entry.get("flops") or {}
+        spec = StageSpec(
+            name=name,
+            path=root / files[0]["path"],
+            inputs=_io(entry["inputs"]),
+            outputs=_io(entry["outputs"]),
+            flops_per_sample=flops.get("per_sample"),
+            flops_constant=flops.get("constant", 0),
+        )
+    except (KeyError, IndexError, TypeError) as exc:
+        raise BundleError(f"manifest entry for stage {name!r} is malformed: {exc!r}") from None
+    if verify:
+        for f in files:
+            path = root / f["path"]
+            if not path.is_file():
+                raise BundleError(f"stage {name!r}: file {path} is missing")
+            if sha256_file(path) != f["sha256"]:
+                raise BundleError(f"stage {name!r}: {path} does not match the manifest's sha256 (corrupt or replaced)")
+    return spec

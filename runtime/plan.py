@@ -1,0 +1,127 @@
+"""Static execution plans: which stage runs at which step, at which batch — computed before sampling starts.
+
+Step indices run 0..N-1 in sampling order (0 = noisiest). A *group* is a key step and the non-key steps after it.
+The plan is a list of :class:`StageCall`; the executor walks it, ``inspect`` prints it, ``profile`` attributes time
+to it, and GPU backends derive their optimisation profiles and CUDA-graph keys from the distinct call shapes.
+
+Decoder batch layout (one call covering steps s_0..s_{S-1} of a group, B images, CFG on)::
+
+    rows [0, S*B)      conditional half:   step s_0 images 0..B-1, step s_1 images 0..B-1, ...
+    rows [S*B, 2*S*B)  unconditional half: the same order, class label = the null class
+
+Every per-row input (cached hidden tokens, timestep, class label) is tiled with this one layout, per CFG half
+(the DiT reference code tiles the label embedding whole-batch and so swaps cond/uncond labels at odd sub-steps).
+A call split by ``max_decoder_batch`` keeps the same layout over its subset of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the step count or is otherwise malformed."""
+
+
+def dit_default_key_steps(num_steps: int) -> list[int]:
+    """DiT-FasterDiffusion's rule: key if i == 0, i >= 0.92 N, or i mod 10 >= 6 (its 250-step list)."""
+    return [i for i in range(num_steps) if i == 0 or i >= 0.92 * num_steps or i % 10 >= 6]
+
+
+def unet_default_key_steps(num_steps: int) -> list[int]:
+    """FasterDiffusion's hand-picked 50-step list for UNets, cut to the step count."""
+    return [i for i in (0, 1, 2, 3, 5, 10, 15, 25, 35) if i < num_steps]
+
+
+DEFAULT_KEY_STEPS = {"dit": dit_default_key_steps, "unet": unet_default_key_steps}
+
+
+@dataclass(frozen=True)
+class KeyStepPlan:
+    num_steps: int
+    key_steps: tuple[int, ...]  # sorted, always contains 0
+    baseline: bool = False  # run the full model at every step instead of encoder/decoder stages
+    spec: str = ""  # how the user asked for it, for inspect
+
+    @property
+    def groups(self) -> list[tuple[int, ...]]:
+        bounds = list(self.key_steps) + [self.num_steps]
+        return [tuple(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+def parse_key_steps(spec: str | list[int] | None, num_steps: int, family: str = "dit") -> KeyStepPlan:
+    """``all`` (baseline), ``default``, ``uniform:M`` or an explicit list ``0,1,2,5`` of step indices."""
+    if num_steps < 1:
+        raise PlanError(f"the number of steps must be at least 1, got {num_steps}")
+    if spec is None or spec == "default":
+        return KeyStepPlan(num_steps, tuple(DEFAULT_KEY_STEPS[family](num_steps)), spec="default")
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in ("all", "baseline"):
+            return KeyStepPlan(num_steps, tuple(range(num_steps)), baseline=True, spec="all")
+        if text.startswith("uniform:"):
+            try:
+                every = int(text.split(":", 1)[1])
+            except ValueError:
+                raise PlanError(f"bad key-step spec {spec!r}: uniform:M needs an integer M") from None
+            if every < 1:
+                raise PlanError(f"bad key-step spec {spec!r}: M must be >= 1")
+            return KeyStepPlan(num_steps, tuple(range(0, num_steps, every)), spec=text)
+        try:
+            steps = [int(s) for s in text.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise PlanError(
+                f"bad key-step spec {spec!r}: use 'all', 'default', 'uniform:M' or a list like 0,1,2,5"
+            ) from None
+    else:
+        steps = [int(s) for s in spec]
+    if not steps:
+        raise PlanError("the key-step list is empty; step 0 must be a key step")
+    if len(set(steps)) != len(steps):
+        raise PlanError(f"key steps {steps} contain duplicates")
+    out_of_range = [s for s in steps if not 0 <= s < num_steps]
+    if out_of_range:
+        raise PlanError(f"key steps {out_of_range} are out of range for {num_steps} steps (valid: 0..{num_steps - 1})")
+    if 0 not in steps:
+        raise PlanError("step 0 must be a key step (the encoder has no features to reuse before it)")
+    return KeyStepPlan(num_steps, tuple(sorted(steps)), spec=",".join(map(str, sorted(steps))))
+
+
+@dataclass(frozen=True)
+class StageCall:
+    stage: str  # "full" | "encoder" | "decoder"
+    steps: tuple[int, ...]  # the step indices this call computes (one for full/encoder)
+    batch: int  # rows = len(steps) * CFG multiplier * images
+
+
+def build_calls(
+    plan: KeyStepPlan, images: int, cfg: bool, parallel: bool = True, max_decoder_batch: int | None = None
+) -> list[StageCall]:
+    rows_per_step = images * (2 if cfg else 1)
+    if plan.baseline:
+        return [StageCall("full", (i,), rows_per_step) for i in range(plan.num_steps)]
+    if max_decoder_batch is not None and max_decoder_batch < rows_per_step:
+        raise PlanError(
+            f"--max-decoder-batch {max_decoder_batch} is below one step's rows ({rows_per_step} = images x CFG)"
+        )
+    steps_per_call = 1
+    if parallel:
+        steps_per_call = plan.num_steps if max_decoder_batch is None else max_decoder_batch // rows_per_step
+    calls = []
+    for group in plan.groups:
+        calls.append(StageCall("encoder", (group[0],), rows_per_step))
+        for start in range(0, len(group), steps_per_call):
+            chunk = group[start : start + steps_per_call]
+            calls.append(StageCall("decoder", chunk, len(chunk) * rows_per_step))
+    return calls
+
+
+def plan_flops(calls: list[StageCall], stage_flops) -> int | None:
+    """Total FLOPs of a call list; ``stage_flops(stage, batch)`` gives one call's (None if unknown)."""
+    total = 0
+    for call in calls:
+        flops = stage_flops(call.stage, call.batch)
+        if flops is None:
+            return None
+        total += flops
+    return total

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models in both checkpoint formats, and bundles built from them (once per run)."""
+
+import json
+
+import pytest
+import torch
+
+from dit_reference import make_diffusers_dit, random_original_dit
+
+
+@pytest.fixture(scope="session")
+def original_dit():
+    """An original-format DiT (TINY_CFG: 8x8x4 latent, hidden 64, depth 4, 4 heads, 10 classes, learned sigma)."""
+    return random_original_dit(0)
+
+
+@pytest.fixture(scope="session")
+def original_checkpoint(original_dit, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "dit.pt"
+    torch.save(original_dit.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(original_checkpoint, tmp_path_factory):
+    from keystep.export.build import build_dit_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return build_dit_bundle(str(original_checkpoint), str(out), steps=10, num_heads=4, progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def dit_pipeline_dir(tmp_path_factory):
+    """A diffusers DiTPipeline directory: random transformer (1000 classes, since DiTPipeline hard-codes null
+    class 1000), a tiny AutoencoderKL and a DDIM scheduler config."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    reference = random_original_dit(1, num_classes=1000)
+    transformer = make_diffusers_dit(reference).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=16,
+    ).eval()
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label={0: "zero,nil", 1: "one"})
+    path = tmp_path_factory.mktemp("pipe") / "dit-pipeline"
+    pipe.save_pretrained(path)
+    assert json.loads((path / "model_index.json").read_text())["transformer"]
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_bundle(dit_pipeline_dir, tmp_path_factory):
+    from keystep.export.build import build_dit_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "pipe"
+    return build_dit_bundle(str(dit_pipeline_dir), str(out), steps=10, progress=lambda m: None)

@@ -1,0 +1,29 @@
+"""The runtime must import and run a bundle with torch/diffusers/transformers unimportable."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_runtime_runs_a_bundle_without_torch(tiny_bundle, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+                    raise ImportError("blocked for this test: " + name)
+        sys.meta_path.insert(0, Block())
+        import keystep.runtime
+        from keystep.tools.cli import main
+        rc = main(["generate", {str(tiny_bundle)!r}, "--class", "1", "--steps", "4",
+                   "--save-latents", {str(tmp_path / "z.npy")!r}])
+        assert rc == 0, rc
+        assert not any(m.split(".")[0] in ("torch", "diffusers", "transformers") for m in sys.modules)
+        print("OK")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "OK" in done.stdout
+    assert (tmp_path / "z.npy").is_file()

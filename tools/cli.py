@@ -1,0 +1,183 @@
+"""The ``keystep`` command line: argument parsing and printing over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from keystep.runtime.backends.base import BackendError
+from keystep.runtime.bundle import Bundle, BundleError
+from keystep.runtime.dit_sampler import DiTSampler, SamplingError, SamplingOptions
+from keystep.runtime.plan import PlanError
+from keystep.runtime.schedulers import SCHEDULERS, SchedulerConfigError
+
+from .inspect_bundle import describe_bundle, format_description
+
+SCHEDULER_NAMES = sorted(SCHEDULERS)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors = [BundleError, PlanError, SamplingError, SchedulerConfigError, BackendError, FileExistsError]
+    try:  # export errors exist only where the export extra is installed
+        from keystep.export.errors import ModelLoadError
+
+        errors.append(ModelLoadError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="number of sampling steps")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler (default: the bundle's)")
+    p.add_argument("--key-steps", help="'default', 'all' (baseline), 'uniform:M' or a list like 0,1,2,5")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1 disables CFG)")
+    p.add_argument("--no-parallel", action="store_true", help="run the decoders one step at a time")
+    p.add_argument("--max-decoder-batch", type=int, help="largest decoder batch (rows = steps x CFG x images)")
+    p.add_argument("--no-noise-injection", action="store_true", help="turn off prior noise injection")
+
+
+def options_from_args(bundle: Bundle, args) -> SamplingOptions:
+    return SamplingOptions.from_bundle(
+        bundle,
+        num_steps=args.steps,
+        scheduler=args.scheduler,
+        key_steps=args.key_steps,
+        guidance=args.guidance,
+        parallel=False if args.no_parallel else None,
+        max_decoder_batch=args.max_decoder_batch,
+        noise_injection=False if args.no_noise_injection else None,
+    )
+
+
+def cmd_build(args) -> int:
+    try:
+        from keystep.export.build import build_dit_bundle
+    except ImportError as exc:
+        raise SystemExit(f"keystep build needs the export extra (pip install 'keystep[export]'): {exc}") from exc
+    out = build_dit_bundle(
+        args.model,
+        args.out,
+        split=args.split,
+        scheduler=args.scheduler,
+        scheduler_config=args.scheduler_config,
+        steps=args.steps,
+        key_steps=args.key_steps,
+        guidance=args.guidance,
+        num_heads=args.num_heads,
+        progress=lambda msg: print(msg, file=sys.stderr),
+    )
+    print(f"wrote bundle {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from keystep.runtime.backends.base import get_backend
+
+    bundle = Bundle.load(args.bundle)
+    options = options_from_args(bundle, args)
+    sampler = DiTSampler(bundle, get_backend(args.backend, threads=args.threads))
+    init = None
+    if args.init_noise:
+        try:
+            init = np.load(args.init_noise)
+        except (OSError, ValueError) as exc:
+            raise SamplingError(f"cannot read --init-noise {args.init_noise}: {exc}") from None
+    result = sampler.sample(args.class_labels, options, init_noise=init, seed=args.seed)
+    if args.save_latents:
+        np.save(args.save_latents, result.latents.astype(np.float32))
+        print(f"wrote latents {args.save_latents}")
+    if args.out:
+        images = sampler.decode(result.latents)
+        if images is None:
+            raise SamplingError("this bundle has no vae_decoder stage to make images; use --save-latents")
+        for path in write_images(images, Path(args.out)):
+            print(f"wrote {path}")
+    plan = result.prepared.plan
+    kind = "baseline" if plan.baseline else f"{len(plan.key_steps)} key steps of {plan.num_steps}"
+    print(f"{kind}: {len(result.prepared.calls)} stage calls, {result.total_seconds:.2f} s sampling")
+    return 0
+
+
+def write_images(images: np.ndarray, out: Path) -> list[Path]:
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for path, image in zip(paths, images):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    return paths
+
+
+def cmd_inspect(args) -> int:
+    bundle = Bundle.load(args.bundle, verify=not args.no_verify)
+    options = options_from_args(bundle, args)
+    description = describe_bundle(bundle, options, images=args.images)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir, steps=args.steps)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keystep", description="Deployment compiler for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="turn a model into a bundle (ONNX stages + manifest)")
+    p.add_argument("model", help="diffusers DiT pipeline/transformer dir, or an original DiT .pt checkpoint")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--split", type=int, help="encoder = blocks[:K] (default round(depth*18/28))")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler class stored in the bundle")
+    p.add_argument("--scheduler-config", help="a diffusers scheduler_config.json (class and fields honoured)")
+    p.add_argument("--steps", type=int, default=50, help="default number of steps")
+    p.add_argument("--key-steps", default="default", help="default key-step plan")
+    p.add_argument("--guidance", type=float, default=4.0, help="default guidance scale")
+    p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("generate", help="sample images from a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--out", help="image path (several images: NAME-i.png)")
+    p.add_argument("--class", dest="class_labels", type=int, nargs="+", default=[0], help="class label(s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-noise", help="z_T as a .npy of shape (images, C, H, W)")
+    p.add_argument("--save-latents", help="write the final latents (float32 .npy)")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="print a bundle's stages, plan and FLOPs")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--images", type=int, default=1, help="images per batch for the plan shown")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="build a DiT bundle and compare the baseline and key-step plans")
+    p.add_argument("--dir", default="keystep-demo", help="where the demo bundle and outputs go")
+    p.add_argument("--steps", type=int, default=50)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"keystep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
