@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler, DiTPipeline, DPMSolverMultistepScheduler, E
 from dit_reference import baseline_sample, encoder_propagation_sample
 from keystep.runtime.backends.base import get_backend
 from keystep.runtime.bundle import Bundle
-from keystep.runtime.dit_sampler import DiTSampler, SamplingOptions
+from keystep.runtime.dit_sampler import DiTSampler
+from keystep.runtime.sampler import SamplingOptions
 
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 DIFFUSERS = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}

@@ -11,7 +11,8 @@ import numpy as np
 
 from keystep.runtime.backends.base import BackendError
 from keystep.runtime.bundle import Bundle, BundleError
-from keystep.runtime.dit_sampler import DiTSampler, SamplingError, SamplingOptions
+from keystep.runtime.dit_sampler import DiTSampler
+from keystep.runtime.sampler import SamplingError, SamplingOptions
 from keystep.runtime.plan import PlanError
 from keystep.runtime.schedulers import SCHEDULERS, SchedulerConfigError
 

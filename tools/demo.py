@@ -9,7 +9,8 @@ import numpy as np
 
 from keystep.runtime.backends.base import get_backend
 from keystep.runtime.bundle import MANIFEST_NAME, Bundle
-from keystep.runtime.dit_sampler import DiTSampler, SamplingOptions
+from keystep.runtime.dit_sampler import DiTSampler
+from keystep.runtime.sampler import SamplingOptions
 
 DEMO_MODEL = "random:dit-s2"  # until trained models ship: DiT-S/2-sized, random weights
 

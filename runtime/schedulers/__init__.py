@@ -14,12 +14,14 @@ from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpmpp_2m import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
+from .pndm import PNDMScheduler
 
 SCHEDULERS: dict[str, type[BaseScheduler]] = {
     "ddim": DDIMScheduler,
     "dpmpp-2m": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
     "ddpm": DDPMScheduler,
+    "pndm": PNDMScheduler,
 }
 #: diffusers class name -> our scheduler name, and back.
 CLASS_TO_NAME: dict[str, str] = {cls.class_name: name for name, cls in SCHEDULERS.items()}
@@ -62,6 +64,6 @@ def make_scheduler(config: Mapping[str, Any], name: str | None = None) -> BaseSc
 
 __all__ = [
     "SCHEDULERS", "CLASS_TO_NAME", "NAME_TO_CLASS", "BaseScheduler", "SchedulerConfigError", "DDIMScheduler",
-    "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "make_scheduler",
+    "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler", "make_scheduler",
     "scheduler_name_for_class", "class_name_for_scheduler",
 ]

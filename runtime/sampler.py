@@ -1,0 +1,187 @@
+"""The plan executor shared by every model family.
+
+It walks a plan's :class:`StageCall` list: the encoder (or full model) at a key step's latent, then the group's
+decoder calls, then the guided prediction of each step through the scheduler in step order, with prior noise
+injection. A family subclass says only how to build each stage's feeds and read its outputs.
+
+CFG batch layout: a stage's rows are two halves, ``first`` and ``second`` (which is the conditional one is the
+family's convention: DiT puts the conditional half first like diffusers' DiTPipeline, UNets put it second like
+StableDiffusionPipeline). A decoder call over S steps repeats each half S times, step-major inside the half.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends.base import Backend, StageRunner
+from .bundle import Bundle
+from .plan import KeyStepPlan, PlanError, StageCall, build_calls, parse_key_steps, plan_flops
+from .schedulers import make_scheduler
+
+
+class SamplingError(ValueError):
+    """Bad sampling input: unknown class, wrong noise shape, and the like."""
+
+
+@dataclass
+class SamplingOptions:
+    num_steps: int = 50
+    guidance: float = 4.0
+    key_steps: str | list[int] | None = "default"
+    scheduler: str | None = None  # None: the bundle's scheduler class
+    parallel: bool = True
+    max_decoder_batch: int | None = None
+    noise_injection: bool | None = None  # None: on for key-step plans, off for the baseline
+    noise_alpha: float = 0.003
+    noise_tau: float = 0.3
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, **overrides) -> "SamplingOptions":
+        defaults = {k: v for k, v in bundle.default_plan.items() if k in cls.__dataclass_fields__}
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**defaults)
+
+
+@dataclass
+class PreparedRun:
+    plan: KeyStepPlan
+    calls: list[StageCall]
+    cfg: bool
+    noise_injection: bool
+
+
+@dataclass
+class SampleResult:
+    latents: np.ndarray
+    prepared: PreparedRun
+    call_seconds: list[float] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+    @property
+    def host_seconds(self) -> float:
+        """Time outside stage calls: CFG, noise injection, scheduler steps, tiling."""
+        return self.total_seconds - sum(self.call_seconds)
+
+
+def tile_per_half(rows: np.ndarray, steps: int, cfg: bool) -> np.ndarray:
+    """Repeat each CFG half ``steps`` times: [a, b] -> [a x steps, b x steps] (the plan's batch layout)."""
+    if steps == 1:
+        return rows
+    if not cfg:
+        return np.concatenate([rows] * steps)
+    first, second = np.split(rows, 2)
+    return np.concatenate([first] * steps + [second] * steps)
+
+
+def row_timesteps(step_t: np.ndarray, images: int, cfg: bool) -> np.ndarray:
+    """Per-row timesteps of a decoder call in the plan's layout (step-major in each CFG half)."""
+    return np.tile(np.repeat(step_t, images), 2 if cfg else 1).astype(np.float32)
+
+
+class PlanSampler:
+    family = ""
+    cond_first = True  # which CFG half is the conditional one
+
+    def __init__(self, bundle: Bundle, backend: Backend):
+        if bundle.family != self.family:
+            raise SamplingError(f"bundle family is {bundle.family!r}, this sampler runs {self.family!r} bundles")
+        self.bundle = bundle
+        self.backend = backend
+        self._runners: dict[str, StageRunner] = {}
+
+    def runner(self, stage: str) -> StageRunner:
+        if stage not in self._runners:
+            self._runners[stage] = self.backend.load(self.bundle.stage(stage))
+        return self._runners[stage]
+
+    def prepare(self, options: SamplingOptions, images: int) -> PreparedRun:
+        plan = parse_key_steps(options.key_steps, options.num_steps, self.family)
+        cfg = options.guidance > 1
+        calls = build_calls(plan, images, cfg, options.parallel, options.max_decoder_batch)
+        injection = (not plan.baseline) if options.noise_injection is None else options.noise_injection
+        return PreparedRun(plan, calls, cfg, injection)
+
+    def plan_flops(self, prepared: PreparedRun) -> int | None:
+        return plan_flops(prepared.calls, lambda stage, batch: self.bundle.stage(stage).flops(batch))
+
+    # --- family hooks -------------------------------------------------------------------------------------------
+    def latent_input_feeds(self, x: np.ndarray, t, context) -> dict[str, np.ndarray]:
+        """Feeds of the encoder/full stage for CFG-doubled latent rows ``x`` at timestep ``t``."""
+        raise NotImplementedError
+
+    def decoder_feeds(self, cache, step_t: np.ndarray, images: int, cfg: bool, context) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def encoder_cache(self, outputs: dict[str, np.ndarray], x: np.ndarray, t, context):
+        """What the group's decoders reuse (the encoder outputs, plus e.g. ControlNet residuals)."""
+        return outputs
+
+    def prediction(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The model prediction (epsilon / v) channels of a decoder/full output."""
+        raise NotImplementedError
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def run_plan(self, noise: np.ndarray, options: SamplingOptions, context, seed: int = 0) -> SampleResult:
+        images = len(noise)
+        prepared = self.prepare(options, images)
+        scheduler = make_scheduler(self.bundle.scheduler_config, options.scheduler)
+        scheduler.set_timesteps(options.num_steps)
+        timesteps = np.asarray(scheduler.timesteps)
+        if len(timesteps) != options.num_steps:
+            raise PlanError(f"scheduler gives {len(timesteps)} timesteps for {options.num_steps} steps")
+        rng = np.random.default_rng(seed + 1)  # for stochastic schedulers (DDPM)
+        cfg = prepared.cfg
+        z_T = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+        z = z_T
+        inject_below = options.noise_tau * scheduler.num_train_timesteps
+        cache = None
+        call_seconds = []
+        start = time.perf_counter()
+        for call in prepared.calls:
+            step_t = timesteps[list(call.steps)]
+            if call.stage == "decoder":
+                feeds = self.decoder_feeds(cache, step_t, images, cfg, context)
+            else:
+                x = scheduler.scale_model_input(z, step_t[0]).astype(np.float32)
+                x = np.concatenate([x, x]) if cfg else x
+                feeds = self.latent_input_feeds(x, step_t[0], context)
+            t0 = time.perf_counter()
+            outputs = self.runner(call.stage).run(feeds)
+            call_seconds.append(time.perf_counter() - t0)
+            if call.stage == "encoder":
+                cache = self.encoder_cache(outputs, x, step_t[0], context)
+                continue
+            pred = self.prediction(outputs)
+            steps = len(call.steps)
+            if cfg:
+                first, second = pred[: steps * images], pred[steps * images :]
+                cond, uncond = (first, second) if self.cond_first else (second, first)
+                pred = uncond + np.float32(options.guidance) * (cond - uncond)
+            pred = pred.reshape(steps, images, *pred.shape[1:])
+            for j, step in enumerate(call.steps):
+                t = timesteps[step]
+                if prepared.noise_injection and t < inject_below:
+                    z = z + np.float32(options.noise_alpha) * z_T
+                z = scheduler.step(pred[j], t, z, rng=rng).astype(np.float32)
+        return SampleResult(z, prepared, call_seconds, time.perf_counter() - start)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray | None:
+        """Images as uint8 (N, H, W, C) through the bundle's VAE stage; None if the bundle has none."""
+        if "vae_decoder" not in self.bundle.stages:
+            return None
+        images = self.runner("vae_decoder").run({"latent": latents.astype(np.float32)})["image"]
+        return to_uint8(images)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8, rounded like diffusers' numpy_to_pil."""
+    return (np.clip(images, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+
+def check_noise(noise: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    if noise.shape != expected:
+        raise SamplingError(f"initial noise has shape {noise.shape}, expected {expected} (images, C, H, W)")
+    return noise.astype(np.float32)
