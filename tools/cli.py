@@ -42,6 +42,23 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-noise-injection", action="store_true", help="turn off prior noise injection")
 
 
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
+    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    p.add_argument("--precision", choices=["f32", "bf16"], help="openvino inference precision hint (default f32)")
+
+
+def backend_from_args(args):
+    from keystep.runtime.backends.base import get_backend
+
+    options = {"threads": args.threads}
+    if args.precision:
+        if args.backend != "openvino":
+            raise BackendError("--precision applies to --backend openvino (ONNX Runtime runs the graph's own types)")
+        options["precision"] = args.precision
+    return get_backend(args.backend, **options)
+
+
 def options_from_args(bundle: Bundle, args) -> SamplingOptions:
     return SamplingOptions.from_bundle(
         bundle,
@@ -77,11 +94,9 @@ def cmd_build(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from keystep.runtime.backends.base import get_backend
-
     bundle = Bundle.load(args.bundle)
     options = options_from_args(bundle, args)
-    sampler = DiTSampler(bundle, get_backend(args.backend, threads=args.threads))
+    sampler = DiTSampler(bundle, backend_from_args(args))
     init = None
     if args.init_noise:
         try:
@@ -151,8 +166,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-noise", help="z_T as a .npy of shape (images, C, H, W)")
     p.add_argument("--save-latents", help="write the final latents (float32 .npy)")
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    add_backend_arguments(p)
     add_plan_arguments(p)
     p.set_defaults(func=cmd_generate)
 

@@ -44,7 +44,10 @@ def check_feeds(spec: StageSpec, feeds: dict[str, np.ndarray]) -> None:
 
 
 # name -> (module, class); imported lazily so a missing optional backend only fails when it is asked for
-_BACKENDS = {"onnxruntime": ("keystep.runtime.backends.onnxruntime", "OnnxRuntimeBackend")}
+_BACKENDS = {
+    "onnxruntime": ("keystep.runtime.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "openvino": ("keystep.runtime.backends.openvino", "OpenVINOBackend"),
+}
 
 
 def get_backend(name: str, **options) -> Backend:

@@ -1,0 +1,55 @@
+"""OpenVINO backend (CPU): reads the same ONNX stages; precision hint f32, or bf16 where the CPU has it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..bundle import StageSpec
+from .base import BackendError, check_feeds
+
+PRECISIONS = ("f32", "bf16")
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendError("the openvino backend needs the 'openvino' package: pip install 'keystep[openvino]'") from exc
+    return openvino
+
+
+class OpenVINORunner:
+    def __init__(self, spec: StageSpec, compiled):
+        self.spec = spec
+        self._request = compiled.create_infer_request()
+        self._outputs = [(o.name, compiled.output(o.name)) for o in spec.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.spec, feeds)
+        result = self._request.infer(feeds)
+        # results alias the request's buffers, which the next call overwrites: copy out
+        return {name: np.array(result[port]) for name, port in self._outputs}
+
+
+class OpenVINOBackend:
+    name = "openvino"
+
+    def __init__(self, threads: int | None = None, precision: str = "f32"):
+        self._ov = _import_openvino()
+        self._core = self._ov.Core()
+        if precision not in PRECISIONS:
+            raise BackendError(f"openvino precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        capabilities = self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if precision == "bf16" and "BF16" not in capabilities:
+            raise BackendError(f"this CPU has no bf16 support for OpenVINO (capabilities: {', '.join(capabilities)})")
+        self.precision = precision
+        self.config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+
+    def load(self, spec: StageSpec) -> OpenVINORunner:
+        try:
+            compiled = self._core.compile_model(str(spec.path), "CPU", self.config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
+            raise BackendError(f"openvino cannot compile stage {spec.name!r} from {spec.path}: {exc}") from exc
+        return OpenVINORunner(spec, compiled)
