@@ -69,7 +69,7 @@ def run(preset: str, steps: int, repeats: int, guidance: float = 4.0) -> dict:
     from keystep.runtime.backends.base import get_backend
     from keystep.runtime.bundle import Bundle
     from keystep.runtime.dit_sampler import DiTSampler
-from keystep.runtime.sampler import SamplingOptions
+    from keystep.runtime.sampler import SamplingOptions
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="keystep-bench-"))
