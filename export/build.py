@@ -68,3 +68,50 @@ def build_dit_bundle(
         "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **DIT_NOISE_INJECTION},
     }
     return write_bundle(Path(out), stages, fields, progress=progress)
+
+
+UNET_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.5}  # FasterDiffusion's SD setting: t < 500
+
+
+def build_unet_bundle(
+    model: str,
+    out: str,
+    controlnet: str | None = None,
+    scheduler: str | None = None,
+    scheduler_config: str | None = None,
+    steps: int = 50,
+    key_steps: str = "default",
+    guidance: float = 7.5,
+    progress=print,
+) -> Path:
+    from .unet_export import load_controlnet, load_sd_pipeline_dir, unet_model_config, unet_stages
+
+    loaded = load_sd_pipeline_dir(model)
+    control = load_controlnet(controlnet) if controlnet else None
+    parse_key_steps(key_steps, steps, "unet")
+    sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
+    fields = {
+        "family": "unet",
+        "model_config": unet_model_config(loaded, control),
+        "source": {"kind": loaded.source_kind, "path": str(Path(model).resolve()),
+                   "controlnet": str(Path(controlnet).resolve()) if controlnet else None},
+        "scheduler": sched,
+        "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **UNET_NOISE_INJECTION},
+    }
+    stages = unet_stages(loaded, control)
+    return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": loaded.tokenizer_dir})
+
+
+def is_unet_pipeline(model: str) -> bool:
+    index = Path(model) / "model_index.json"
+    return index.is_file() and "unet" in json.loads(index.read_text())
+
+
+def build_bundle(model: str, out: str, controlnet: str | None = None, **options) -> Path:
+    """Dispatch on the model kind: a diffusers SD-style directory (has a unet) or a DiT."""
+    if is_unet_pipeline(model):
+        options.pop("split", None), options.pop("num_heads", None)
+        return build_unet_bundle(model, out, controlnet=controlnet, **options)
+    if controlnet:
+        raise ModelLoadError("--controlnet applies to UNet (Stable Diffusion) models only")
+    return build_dit_bundle(model, out, **options)

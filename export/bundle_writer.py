@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -10,25 +11,48 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 
 from keystep.graphs.flops import flops_per_sample
 from keystep.runtime.bundle import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
 
-from .dit_export import StageDef
+from .dit_export import StageDef, parse_dim
 
 ONNX_OPSET = 18
 SAMPLE_BATCH = 2
+DEFAULT_DIM_RANGE = (1, 65536)  # (min, max) of a symbolic axis unless StageDef.dim_ranges says otherwise
 # Above this the protobuf limit (2 GiB) bites: weights go to an external data file next to the graph.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 def export_stage(stage: StageDef, out_dir: Path) -> list[Path]:
-    """Export one stage with a dynamic batch axis; returns the files written (graph first)."""
+    """Export one stage with its symbolic axes dynamic; returns the files written (graph first).
+
+    Every symbolic dim name in the input specs becomes one ``torch.export.Dim`` shared by all inputs that use it
+    ("8*height" becomes ``8 * Dim("height")``); the trace inputs come from ``TensorSpec.sample`` at batch
+    ``SAMPLE_BATCH`` and ``stage.trace_sizes``.
+    """
     path = out_dir / f"{stage.name}.onnx"
     gen = torch.Generator().manual_seed(0)
-    args = tuple(spec.sample(SAMPLE_BATCH, gen) for spec in stage.inputs)
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    sizes = {"batch": SAMPLE_BATCH, **stage.trace_sizes}
+    args = tuple(spec.sample(sizes, gen) for spec in stage.inputs)
+    dims: dict[str, torch.export.Dim] = {}
+
+    def export_dim(symbolic: str):
+        factor, name = parse_dim(symbolic)
+        if name not in dims:
+            low, high = stage.dim_ranges.get(name, DEFAULT_DIM_RANGE)
+            dims[name] = torch.export.Dim(name, min=low, max=high)
+        return dims[name] if factor == 1 else factor * dims[name]
+
+    dynamic_shapes = tuple(
+        {axis: export_dim(d) for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in stage.inputs
+    )
+    params = list(inspect.signature(stage.module.forward).parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):  # forward(self, a, *rest): torch.export nests *rest
+        named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])
     size = sum(p.numel() * p.element_size() for p in stage.module.parameters())
     external = size > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet_torch_onnx():
@@ -39,13 +63,38 @@ def export_stage(stage: StageDef, out_dir: Path) -> list[Path]:
             str(path),
             input_names=[s.name for s in stage.inputs],
             output_names=[s.name for s in stage.outputs],
-            dynamic_shapes=tuple({0: batch} for _ in args),
+            dynamic_shapes=dynamic_shapes,
             opset_version=ONNX_OPSET,
             dynamo=True,
             external_data=external,
             verbose=False,
         )
+    _check_dynamic_axes(stage, path)
     return [path] + ([path.with_name(path.name + ".data")] if external else [])
+
+
+def _check_dynamic_axes(stage: StageDef, path: Path) -> None:
+    """Fail if the exporter specialised a symbolic axis. torch.onnx.export silently re-exports with the exporter's
+    suggested fixes when a guard contradicts a Dim (e.g. ``height = 2*_height`` for a branch on ``height % 2``);
+    the graph would then be wrong or fail for other sizes. Range refinements (e.g. batch <= 63 for a branch that
+    only calls ``.contiguous()``) keep the axis name and are accepted: ONNX graphs do not enforce ranges."""
+    graph_inputs = {i.name: i for i in onnx.load(str(path), load_external_data=False).graph.input}
+    for spec in stage.inputs:
+        if spec.name not in graph_inputs:
+            raise RuntimeError(f"stage {stage.name}: input {spec.name} is not an input of the exported graph")
+        dims = graph_inputs[spec.name].type.tensor_type.shape.dim
+        for axis, (want, got) in enumerate(zip(spec.shape, dims)):
+            if isinstance(want, int):
+                ok = got.dim_value == want
+            elif parse_dim(want)[0] == 1:
+                ok = got.dim_param == want
+            else:
+                ok = bool(got.dim_param)
+            if not ok:
+                raise RuntimeError(
+                    f"stage {stage.name}: the export specialised input {spec.name} axis {axis} "
+                    f"(wanted {want!r}, got {got.dim_param or got.dim_value!r}); a shape-dependent branch in the "
+                    f"model does not hold for every size of that axis")
 
 
 class _quiet_torch_onnx:
@@ -65,7 +114,8 @@ class _quiet_torch_onnx:
 
 def stage_manifest_entry(stage: StageDef, files: list[Path], root: Path) -> dict:
     def shapes(batch: int) -> dict:
-        return {s.name: tuple(batch if d == "batch" else d for d in s.shape) for s in stage.inputs}
+        sizes = {**stage.flops_sizes, "batch": batch}
+        return {s.name: s.concrete(sizes) for s in stage.inputs}
 
     flops = flops_per_sample(files[0], shapes)
     return {
@@ -76,9 +126,12 @@ def stage_manifest_entry(stage: StageDef, files: list[Path], root: Path) -> dict
     }
 
 
-def write_bundle(out: Path, stages: list[StageDef], manifest_fields: dict, progress=print) -> Path:
+def write_bundle(
+    out: Path, stages: list[StageDef], manifest_fields: dict, progress=print, assets: dict[str, Path] | None = None
+) -> Path:
     """Export every stage into a temp dir next to ``out``, write the manifest, then rename into place.
 
+    ``assets`` are directories copied into the bundle under their name (e.g. the tokenizer), hashed like stages.
     A failure at any point removes the temp dir, so ``out`` is either the complete new bundle or untouched.
     """
     out = Path(out).resolve()
@@ -92,7 +145,16 @@ def write_bundle(out: Path, stages: list[StageDef], manifest_fields: dict, progr
             progress(f"exporting stage {stage.name} ...")
             files = export_stage(stage, tmp)
             entries[stage.name] = stage_manifest_entry(stage, files, tmp)
+        copied = {}
+        for name, src in (assets or {}).items():
+            shutil.copytree(src, tmp / name)
+            copied[name] = [
+                {"path": str(f.relative_to(tmp)), "sha256": sha256_file(f)} for f in sorted((tmp / name).rglob("*"))
+                if f.is_file()
+            ]
         manifest = {"schema_version": SCHEMA_VERSION, **manifest_fields, "stages": entries}
+        if copied:
+            manifest["assets"] = copied
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -6,26 +6,45 @@ and symbolic shapes; the ONNX export axes and the manifest entries are both deri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from keystep.runtime.bundle import parse_dim
+
 from .dit_model import DecoderStage, DiT, EncoderStage
 from .errors import ModelLoadError
+
+
+def resolve_dim(dim, sizes: dict[str, int]) -> int:
+    """The concrete size of one shape entry: ints stay, symbolic dims are looked up in ``sizes``."""
+    if isinstance(dim, int):
+        return dim
+    factor, name = parse_dim(dim)
+    try:
+        return factor * sizes[name]
+    except KeyError:
+        raise KeyError(f"no concrete size given for symbolic dim {name!r}") from None
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name
-    shape: tuple  # ints, or "batch" for the dynamic batch axis
+    shape: tuple  # ints, and symbolic dims: names ("batch", "height") or multiples of one ("8*height")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
-    def sample(self, batch: int, generator: torch.Generator, high: int = 1000) -> torch.Tensor:
-        shape = [batch if d == "batch" else d for d in self.shape]
+    def concrete(self, sizes: "int | dict[str, int]") -> tuple[int, ...]:
+        """The shape with every symbolic dim made concrete; an int means ``{"batch": n}``."""
+        sizes = {"batch": sizes} if isinstance(sizes, int) else sizes
+        return tuple(resolve_dim(d, sizes) for d in self.shape)
+
+    def sample(self, batch: "int | dict[str, int]", generator: torch.Generator, high: int = 1000) -> torch.Tensor:
+        """A random tensor of this spec; ``batch`` is the batch size, or a concrete size per symbolic dim."""
+        shape = list(self.concrete(batch))
         if self.dtype == "int64":
             return torch.randint(0, high, shape, generator=generator)
         return torch.randn(shape, generator=generator)
@@ -37,6 +56,12 @@ class StageDef:
     module: nn.Module
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # Symbolic dims other than "batch" (e.g. "height", "text_len"): the concrete size per dim used to trace the
+    # export, and the one the manifest's FLOPs are counted at. Empty for stages whose only dynamic axis is batch.
+    trace_sizes: dict[str, int] = field(default_factory=dict)
+    flops_sizes: dict[str, int] = field(default_factory=dict)
+    # (min, max) per symbolic dim name for the export; dims not listed get bundle_writer.DEFAULT_DIM_RANGE
+    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def dit_stages(model: DiT, split: int, vae=None) -> list[StageDef]:

@@ -23,14 +23,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def parse_dim(dim: str) -> tuple[int, str]:
+    """A symbolic axis is a name ("batch", "height") or a multiple of one ("8*height") -> (factor, name)."""
+    factor, sep, name = dim.partition("*")
+    if not sep:
+        return 1, dim
+    if not factor.strip().isdigit() or not name.strip():
+        raise ValueError(f"bad symbolic dim {dim!r}: expected NAME or INT*NAME")
+    return int(factor), name.strip()
+
+
 @dataclass(frozen=True)
 class IOSpec:
     name: str
     dtype: str
-    shape: tuple  # ints and symbolic axis names ("batch")
+    shape: tuple  # ints and symbolic axes ("batch", "height", "8*height")
 
-    def concrete(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == "batch" else d for d in self.shape)
+    def concrete(self, sizes: int | dict[str, int]) -> tuple[int, ...]:
+        """The shape with symbolic axes bound; an int binds "batch" only."""
+        sizes = {"batch": sizes} if isinstance(sizes, int) else sizes
+        out = []
+        for d in self.shape:
+            if isinstance(d, int):
+                out.append(d)
+            else:
+                factor, name = parse_dim(d)
+                out.append(factor * sizes[name])
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,9 @@ class Bundle:
         if missing:
             raise BundleError(f"{manifest_path}: missing fields {', '.join(missing)}")
         stages = {name: _stage_spec(root, name, entry, verify) for name, entry in manifest["stages"].items()}
+        if verify:
+            for name, files in manifest.get("assets", {}).items():
+                _verify_files(root, f"asset {name!r}", files)
         return cls(root, manifest, stages)
 
     def stage(self, name: str) -> StageSpec:
@@ -119,10 +141,14 @@ def _stage_spec(root: Path, name: str, entry: dict, verify: bool) -> StageSpec:
     except (KeyError, IndexError, TypeError) as exc:
         raise BundleError(f"manifest entry for stage {name!r} is malformed: {exc!r}") from None
     if verify:
-        for f in files:
-            path = root / f["path"]
-            if not path.is_file():
-                raise BundleError(f"stage {name!r}: file {path} is missing")
-            if sha256_file(path) != f["sha256"]:
-                raise BundleError(f"stage {name!r}: {path} does not match the manifest's sha256 (corrupt or replaced)")
+        _verify_files(root, f"stage {name!r}", files)
     return spec
+
+
+def _verify_files(root: Path, what: str, files: list[dict]) -> None:
+    for f in files:
+        path = root / f["path"]
+        if not path.is_file():
+            raise BundleError(f"{what}: file {path} is missing")
+        if sha256_file(path) != f["sha256"]:
+            raise BundleError(f"{what}: {path} does not match the manifest's sha256 (corrupt or replaced)")

@@ -32,7 +32,7 @@ class SamplingOptions:
     guidance: float = 4.0
     key_steps: str | list[int] | None = "default"
     scheduler: str | None = None  # None: the bundle's scheduler class
-    parallel: bool = True
+    parallel: bool | None = None  # batch a group's decoders into one call; None: the backend's preference
     max_decoder_batch: int | None = None
     noise_injection: bool | None = None  # None: on for key-step plans, off for the baseline
     noise_alpha: float = 0.003
@@ -51,6 +51,8 @@ class PreparedRun:
     calls: list[StageCall]
     cfg: bool
     noise_injection: bool
+    scheduler: object  # a fresh scheduler with its timesteps set: one per run (schedulers carry state)
+    timesteps: np.ndarray
 
 
 @dataclass
@@ -76,6 +78,16 @@ def tile_per_half(rows: np.ndarray, steps: int, cfg: bool) -> np.ndarray:
     return np.concatenate([first] * steps + [second] * steps)
 
 
+def scheduler_for(bundle: Bundle, options: SamplingOptions):
+    """A fresh scheduler with its timesteps set. Plans index model evaluations, one per timestep: PNDM's N steps
+    take N+1 (PLMS repeats one timestep), as diffusers' pipelines run them."""
+    if options.num_steps < 1:
+        raise PlanError(f"the number of steps must be at least 1, got {options.num_steps}")
+    scheduler = make_scheduler(bundle.scheduler_config, options.scheduler)
+    scheduler.set_timesteps(options.num_steps)
+    return scheduler, np.asarray(scheduler.timesteps)
+
+
 def row_timesteps(step_t: np.ndarray, images: int, cfg: bool) -> np.ndarray:
     """Per-row timesteps of a decoder call in the plan's layout (step-major in each CFG half)."""
     return np.tile(np.repeat(step_t, images), 2 if cfg else 1).astype(np.float32)
@@ -98,11 +110,13 @@ class PlanSampler:
         return self._runners[stage]
 
     def prepare(self, options: SamplingOptions, images: int) -> PreparedRun:
-        plan = parse_key_steps(options.key_steps, options.num_steps, self.family)
+        scheduler, timesteps = scheduler_for(self.bundle, options)
+        plan = parse_key_steps(options.key_steps, len(timesteps), self.family)
         cfg = options.guidance > 1
-        calls = build_calls(plan, images, cfg, options.parallel, options.max_decoder_batch)
+        parallel = options.parallel if options.parallel is not None else self.backend.batches_decoders
+        calls = build_calls(plan, images, cfg, parallel, options.max_decoder_batch)
         injection = (not plan.baseline) if options.noise_injection is None else options.noise_injection
-        return PreparedRun(plan, calls, cfg, injection)
+        return PreparedRun(plan, calls, cfg, injection, scheduler, timesteps)
 
     def plan_flops(self, prepared: PreparedRun) -> int | None:
         return plan_flops(prepared.calls, lambda stage, batch: self.bundle.stage(stage).flops(batch))
@@ -127,11 +141,7 @@ class PlanSampler:
     def run_plan(self, noise: np.ndarray, options: SamplingOptions, context, seed: int = 0) -> SampleResult:
         images = len(noise)
         prepared = self.prepare(options, images)
-        scheduler = make_scheduler(self.bundle.scheduler_config, options.scheduler)
-        scheduler.set_timesteps(options.num_steps)
-        timesteps = np.asarray(scheduler.timesteps)
-        if len(timesteps) != options.num_steps:
-            raise PlanError(f"scheduler gives {len(timesteps)} timesteps for {options.num_steps} steps")
+        scheduler, timesteps = prepared.scheduler, prepared.timesteps
         rng = np.random.default_rng(seed + 1)  # for stochastic schedulers (DDPM)
         cfg = prepared.cfg
         z_T = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)

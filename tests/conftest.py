@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dit_reference import make_diffusers_dit, random_original_dit
+from sd_reference import tiny_clip, tiny_controlnet, tiny_tokenizer_vocab, tiny_unet, tiny_vae
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +57,49 @@ def pipeline_bundle(dit_pipeline_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "pipe"
     return build_dit_bundle(str(dit_pipeline_dir), str(out), steps=10, progress=lambda m: None)
+
+
+# --- Stable Diffusion: tiny random parts, saved as diffusers directories, and a bundle built from them -------
+
+
+@pytest.fixture(scope="session")
+def sd_models():
+    unet = tiny_unet()
+    return {"unet": unet, "vae": tiny_vae(), "text_encoder": tiny_clip(), "controlnet": tiny_controlnet(unet)}
+
+
+@pytest.fixture(scope="session")
+def sd_dir(sd_models, tmp_path_factory):
+    """A StableDiffusionPipeline directory as save_pretrained writes it (+ the tokenizer's BPE files)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    vocab = tiny_tokenizer_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    pipe = StableDiffusionPipeline(
+        vae=sd_models["vae"], text_encoder=sd_models["text_encoder"], tokenizer=tokenizer, unet=sd_models["unet"],
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    path = tmp_path_factory.mktemp("sd") / "pipeline"
+    pipe.save_pretrained(path)
+    # transformers >= 5 saves only tokenizer.json; hub SD directories (and the runtime's tokenizer) have these
+    (path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def controlnet_dir(sd_models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd") / "controlnet"
+    sd_models["controlnet"].save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd_bundle_dir(sd_dir, controlnet_dir, tmp_path_factory):
+    """Every SD stage (text encoder, encoder, decoder, full, ControlNet, VAE) through the normal build path."""
+    from keystep.export.build import build_unet_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "sd"
+    return build_unet_bundle(str(sd_dir), str(out), controlnet=str(controlnet_dir), steps=10, progress=lambda m: None)

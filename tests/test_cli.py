@@ -26,7 +26,7 @@ def test_generate_and_inspect(tiny_bundle, tmp_path, capsys):
                  str(tmp_path / "noise.npy"), "--save-latents", str(tmp_path / "z2.npy")]) == 0
     assert not np.array_equal(np.load(tmp_path / "z2.npy"), z)
     capsys.readouterr()
-    assert main(["inspect", str(tiny_bundle), "--json", "--steps", "10", "--key-steps", "0,5"]) == 0
+    assert main(["inspect", str(tiny_bundle), "--json", "--steps", "10", "--key-steps", "0,5", "--parallel"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["plan"]["key_steps"] == [0, 5]
     assert [c["stage"] for c in info["plan"]["calls"]] == ["encoder", "decoder", "encoder", "decoder"]

@@ -80,13 +80,16 @@ def test_parallel_equals_sequential_and_split_decoder_batches(sampler):
     labels = [0, 5]
     z_T = sampler.initial_noise(2, seed=3)
     base = dict(num_steps=10, guidance=4.0, key_steps="0,4", scheduler="ddim")
-    parallel = sampler.sample(labels, SamplingOptions.from_bundle(sampler.bundle, **base), init_noise=z_T)
+    parallel = sampler.sample(labels, SamplingOptions.from_bundle(sampler.bundle, parallel=True, **base),
+                              init_noise=z_T)
     sequential = sampler.sample(labels, SamplingOptions.from_bundle(sampler.bundle, parallel=False, **base),
                                 init_noise=z_T)
-    chunked = sampler.sample(labels, SamplingOptions.from_bundle(sampler.bundle, max_decoder_batch=8, **base),
-                             init_noise=z_T)
+    chunked = sampler.sample(labels, SamplingOptions.from_bundle(sampler.bundle, parallel=True, max_decoder_batch=8,
+                                                                 **base), init_noise=z_T)
     assert max(c.batch for c in parallel.prepared.calls) == 24  # 6 steps x CFG x 2 images in one call
     assert max(c.batch for c in sequential.prepared.calls) == 4
+    default = sampler.prepare(SamplingOptions.from_bundle(sampler.bundle, **base), 2)
+    assert max(c.batch for c in default.calls) == 4  # ORT on CPU: sequential decoders (measured faster)
     assert max(c.batch for c in chunked.prepared.calls) == 8
     np.testing.assert_allclose(parallel.latents, sequential.latents, rtol=0, atol=1e-5)
     np.testing.assert_allclose(parallel.latents, chunked.latents, rtol=0, atol=1e-5)

@@ -37,7 +37,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler (default: the bundle's)")
     p.add_argument("--key-steps", help="'default', 'all' (baseline), 'uniform:M' or a list like 0,1,2,5")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1 disables CFG)")
-    p.add_argument("--no-parallel", action="store_true", help="run the decoders one step at a time")
+    p.add_argument("--parallel", dest="parallel", action="store_true", default=None,
+                   help="batch each group's decoders into one call (default on GPU backends)")
+    p.add_argument("--no-parallel", dest="parallel", action="store_false",
+                   help="run the decoders one step at a time (default on CPU backends: measured faster)")
     p.add_argument("--max-decoder-batch", type=int, help="largest decoder batch (rows = steps x CFG x images)")
     p.add_argument("--no-noise-injection", action="store_true", help="turn off prior noise injection")
 
@@ -66,7 +69,7 @@ def options_from_args(bundle: Bundle, args) -> SamplingOptions:
         scheduler=args.scheduler,
         key_steps=args.key_steps,
         guidance=args.guidance,
-        parallel=False if args.no_parallel else None,
+        parallel=args.parallel,
         max_decoder_batch=args.max_decoder_batch,
         noise_injection=False if args.no_noise_injection else None,
     )
@@ -74,20 +77,22 @@ def options_from_args(bundle: Bundle, args) -> SamplingOptions:
 
 def cmd_build(args) -> int:
     try:
-        from keystep.export.build import build_dit_bundle
+        from keystep.export.build import build_bundle
     except ImportError as exc:
         raise SystemExit(f"keystep build needs the export extra (pip install 'keystep[export]'): {exc}") from exc
-    out = build_dit_bundle(
+    options = {} if args.guidance is None else {"guidance": args.guidance}
+    out = build_bundle(
         args.model,
         args.out,
+        controlnet=args.controlnet,
         split=args.split,
         scheduler=args.scheduler,
         scheduler_config=args.scheduler_config,
         steps=args.steps,
         key_steps=args.key_steps,
-        guidance=args.guidance,
         num_heads=args.num_heads,
         progress=lambda msg: print(msg, file=sys.stderr),
+        **options,
     )
     print(f"wrote bundle {out}")
     return 0
@@ -96,14 +101,31 @@ def cmd_build(args) -> int:
 def cmd_generate(args) -> int:
     bundle = Bundle.load(args.bundle)
     options = options_from_args(bundle, args)
-    sampler = DiTSampler(bundle, backend_from_args(args))
     init = None
     if args.init_noise:
         try:
             init = np.load(args.init_noise)
         except (OSError, ValueError) as exc:
             raise SamplingError(f"cannot read --init-noise {args.init_noise}: {exc}") from None
-    result = sampler.sample(args.class_labels, options, init_noise=init, seed=args.seed)
+    if bundle.family == "unet":
+        from keystep.runtime.unet_sampler import UNetSampler, load_control_image
+
+        sampler = UNetSampler(bundle, backend_from_args(args))
+        if not args.prompt:
+            raise SamplingError("a text-to-image bundle needs --prompt")
+        prompts = args.prompt * args.images if len(args.prompt) == 1 else args.prompt
+        control = None
+        if args.control_image:
+            h, w = sampler.output_size(args.height, args.width)
+            control = load_control_image(args.control_image, h, w)
+        result = sampler.sample(prompts, options, negative_prompt=args.negative_prompt, height=args.height,
+                                width=args.width, init_noise=init, seed=args.seed, control_image=control,
+                                control_scale=args.control_scale)
+    else:
+        if args.prompt:
+            raise SamplingError("this is a class-conditional bundle: use --class, not --prompt")
+        sampler = DiTSampler(bundle, backend_from_args(args))
+        result = sampler.sample(args.class_labels, options, init_noise=init, seed=args.seed)
     if args.save_latents:
         np.save(args.save_latents, result.latents.astype(np.float32))
         print(f"wrote latents {args.save_latents}")
@@ -148,14 +170,15 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="turn a model into a bundle (ONNX stages + manifest)")
-    p.add_argument("model", help="diffusers DiT pipeline/transformer dir, or an original DiT .pt checkpoint")
+    p.add_argument("model", help="diffusers DiT or Stable Diffusion dir, DiT transformer dir, original DiT .pt, random:PRESET")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--split", type=int, help="encoder = blocks[:K] (default round(depth*18/28))")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler class stored in the bundle")
     p.add_argument("--scheduler-config", help="a diffusers scheduler_config.json (class and fields honoured)")
     p.add_argument("--steps", type=int, default=50, help="default number of steps")
     p.add_argument("--key-steps", default="default", help="default key-step plan")
-    p.add_argument("--guidance", type=float, default=4.0, help="default guidance scale")
+    p.add_argument("--guidance", type=float, help="default guidance scale (DiT 4.0, UNet 7.5)")
+    p.add_argument("--controlnet", help="a diffusers ControlNetModel directory (UNet models)")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
     p.set_defaults(func=cmd_build)
 
@@ -163,6 +186,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--out", help="image path (several images: NAME-i.png)")
     p.add_argument("--class", dest="class_labels", type=int, nargs="+", default=[0], help="class label(s)")
+    p.add_argument("--prompt", nargs="+", help="prompt(s) for text-to-image bundles")
+    p.add_argument("--negative-prompt", help="negative prompt (CFG's unconditional text)")
+    p.add_argument("--images", type=int, default=1, help="images per prompt when one prompt is given")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--control-image", help="ControlNet conditioning image (e.g. a canny edge map)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-noise", help="z_T as a .npy of shape (images, C, H, W)")
     p.add_argument("--save-latents", help="write the final latents (float32 .npy)")

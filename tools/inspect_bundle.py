@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.plan import build_calls, parse_key_steps, plan_flops
+from keystep.runtime.sampler import scheduler_for
 
 
 def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
@@ -24,8 +25,10 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
         return bundle.stage(stage).flops(batch)
 
     cfg = options.guidance > 1
-    plan = parse_key_steps(options.key_steps, options.num_steps, bundle.family)
-    calls = build_calls(plan, images, cfg, options.parallel, options.max_decoder_batch)
+    _, timesteps = scheduler_for(bundle, options)
+    plan = parse_key_steps(options.key_steps, len(timesteps), bundle.family)
+    # without a backend to ask, show CPU's default (one decoder call per step) unless --parallel is given
+    calls = build_calls(plan, images, cfg, bool(options.parallel), options.max_decoder_batch)
     baseline = build_calls(replace(plan, baseline=True), images, cfg)
     total, base_total = plan_flops(calls, flops), plan_flops(baseline, flops)
     return {
@@ -62,7 +65,10 @@ def format_description(d: dict) -> str:
     lines = [f"bundle  {d['bundle']}", f"family  {d['family']}  (source: {(d['source'] or {}).get('kind')})"]
     cfg = d["model_config"]
     lines.append("model   " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    lines.append(f"split   encoder = blocks[:{d['split']}], decoder = blocks[{d['split']}:]")
+    if d["split"] is not None:
+        lines.append(f"split   encoder = blocks[:{d['split']}], decoder = blocks[{d['split']}:]")
+    else:
+        lines.append("split   encoder = conv_in + down blocks + mid block, decoder = up blocks + output head")
     lines.append(f"sched   {d['scheduler'].get('_class_name')}")
     lines.append("stages")
     for name, s in d["stages"].items():

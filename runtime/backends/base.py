@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..bundle import StageSpec
+from ..bundle import StageSpec, parse_dim
 
 
 class BackendError(RuntimeError):
@@ -22,25 +22,37 @@ class StageRunner(Protocol):
 
 class Backend(Protocol):
     name: str
+    # Whether one decoder call over a whole key-step group beats one call per step. On GPUs batching fills idle
+    # SMs; on a 2-core CPU the per-row cost grows with the batch (DiT-S/2 decoder: 38 ms/row at batch 2, 49 at 30),
+    # so sequential decoders measured faster (docs/benchmarks.md).
+    batches_decoders: bool
 
     def load(self, spec: StageSpec) -> StageRunner: ...
 
 
 def check_feeds(spec: StageSpec, feeds: dict[str, np.ndarray]) -> None:
-    """Name the wrong input before a backend fails with its own, vaguer message."""
+    """Name the wrong input before a backend fails with its own, vaguer message. Symbolic axes ("batch",
+    "height", "8*height") must agree across inputs."""
     expected = {io.name for io in spec.inputs}
     if set(feeds) != expected:
         raise BackendError(f"stage {spec.name!r}: inputs {sorted(feeds)} given, {sorted(expected)} expected")
-    batch = None
+    bound: dict[str, int] = {}
     for io in spec.inputs:
         arr = feeds[io.name]
         if arr.dtype != np.dtype(io.dtype):
             raise BackendError(f"stage {spec.name!r} input {io.name!r}: dtype {arr.dtype}, expected {io.dtype}")
-        if len(arr.shape) != len(io.shape) or any(d != "batch" and d != a for d, a in zip(io.shape, arr.shape)):
+        ok = len(arr.shape) == len(io.shape)
+        for want, got in zip(io.shape, arr.shape):
+            if isinstance(want, int):
+                ok = ok and want == got
+                continue
+            factor, axis = parse_dim(want)
+            if got % factor or bound.setdefault(axis, got // factor) != got // factor:
+                raise BackendError(
+                    f"stage {spec.name!r} input {io.name!r}: shape {arr.shape} disagrees with the other inputs on "
+                    f"axis {want!r} (expected {io.shape})")
+        if not ok:
             raise BackendError(f"stage {spec.name!r} input {io.name!r}: shape {arr.shape}, expected {io.shape}")
-        batch = arr.shape[0] if batch is None else batch
-        if arr.shape[0] != batch:
-            raise BackendError(f"stage {spec.name!r}: inputs disagree on the batch size")
 
 
 # name -> (module, class); imported lazily so a missing optional backend only fails when it is asked for

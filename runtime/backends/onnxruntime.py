@@ -38,6 +38,7 @@ class OnnxRuntimeBackend:
         # on, the idle pools busy-wait and steal the cores the running one needs: measured on 2 cores, DiT-S/2
         # encoder+decoder went from ~250 ms to 430-800 ms per step.
         self.spinning = spinning
+        self.batches_decoders = any(p != "CPUExecutionProvider" for p in self.providers)
 
     def load(self, spec: StageSpec) -> OnnxRuntimeRunner:
         options = self._ort.SessionOptions()

@@ -33,6 +33,7 @@ class OpenVINORunner:
 
 class OpenVINOBackend:
     name = "openvino"
+    batches_decoders = False  # CPU only
 
     def __init__(self, threads: int | None = None, precision: str = "f32"):
         self._ov = _import_openvino()

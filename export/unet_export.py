@@ -1,0 +1,324 @@
+"""The Stable-Diffusion adapter: load a diffusers SD pipeline directory (and optionally a ControlNet) and describe its
+ONNX stages (:class:`StageDef`) for ``write_bundle``.
+
+Stages and their I/O (symbolic axes: ``batch``; ``height``/``width`` = the latent's; ``height_l``/``width_l`` = the
+size after l downsamplers, for diffusers' default Downsample2D ``ceil(size / 2**l)`` (see
+:func:`keystep.export.unet_model.level_sizes`); ``text_len``; ``F*height`` = F times ``height``):
+
+==============  ==========================================================  ========================================
+stage           inputs                                                      outputs
+==============  ==========================================================  ========================================
+text_encoder    input_ids[batch,text_len] i64                               text_embeddings[batch,text_len,D]
+encoder         sample[batch,C,height,width], timestep[batch],              skip_0..skip_{n-1}[batch,C_i,h_i,w_i],
+                encoder_hidden_states[batch,text_len,D]                     mid[batch,C_mid,h_L,w_L]
+decoder         skip_0..skip_{n-1}, mid, timestep, encoder_hidden_states    noise_pred[batch,C_out,height,width]
+full            sample, timestep, encoder_hidden_states                     noise_pred
+controlnet      sample, timestep, encoder_hidden_states,                    down_res_0..down_res_{n-1} (skip shapes),
+                controlnet_cond[batch,3,8*height,8*width] (image in [0,1]),  mid_res (mid's shape); already scaled
+                conditioning_scale[1]
+vae_decoder     latent[batch,4,height,width]                                image[batch,3,8*height,8*width] in [0,1]
+==============  ==========================================================  ========================================
+
+All float inputs/outputs are float32. ControlNet residuals are added to the encoder's skip_i / mid before the
+decoder (diffusers adds them to ``down_block_res_samples`` and the mid-block output).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .dit_export import StageDef, TensorSpec, VAEDecoderStage
+from .errors import ModelLoadError
+from .unet_model import (
+    ControlNetStage,
+    TextEncoderStage,
+    UNetDecoderStage,
+    UNetEncoderStage,
+    UNetFullStage,
+    level_sizes,
+    skip_layout,
+    with_branch_free_upsamplers,
+)
+
+SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+# CLIP's context length in every SD release; the FLOPs of text-conditioned stages are counted at it
+DEFAULT_TEXT_LEN = 77
+TRACE_TEXT_LEN = 7  # text_len of the export trace for the UNet stages (any length works afterwards)
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+DEFAULT_LATENT_SIZE = 64  # SD 1.x's 512 px, for UNet configs without sample_size
+MAX_SPATIAL = 16384  # upper bound of the height / width axes of the exported graphs (latent pixels)
+
+
+@dataclass
+class LoadedSD:
+    unet: object  # diffusers UNet2DConditionModel
+    vae: object | None = None  # diffusers AutoencoderKL
+    text_encoder: object | None = None  # transformers CLIPTextModel
+    tokenizer_dir: Path | None = None  # copy its files into the bundle
+    scheduler_config: dict | None = None
+    model_index: dict = field(default_factory=dict)
+    source_kind: str = "diffusers-pipeline"
+    path: Path | None = None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+
+def check_unet_config(config: dict, where: str = "UNet") -> None:
+    """Reject UNets whose forward needs inputs the stage contract does not have (SDXL, class-conditional, ...)."""
+    name = config.get("_class_name", "UNet2DConditionModel")
+    if name != "UNet2DConditionModel":
+        raise ModelLoadError(f"{where}: expected a UNet2DConditionModel, found {name!r}")
+    addition = config.get("addition_embed_type")
+    if addition == "text_time":
+        raise ModelLoadError(
+            f"{where}: SDXL-style UNets (addition_embed_type 'text_time': pooled text embeddings + size/crop time ids) "
+            f"are not supported; keystep exports Stable Diffusion 1.x/2.x-style UNets only")
+    if addition not in (None, "text"):
+        raise ModelLoadError(f"{where}: addition_embed_type {addition!r} needs image inputs the stages do not take")
+    if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+        raise ModelLoadError(
+            f"{where}: class-conditional UNets (class_embed_type {config.get('class_embed_type')!r}, num_class_embeds "
+            f"{config.get('num_class_embeds')!r}) need class labels, which the stages do not take")
+    if config.get("time_cond_proj_dim") is not None:
+        raise ModelLoadError(f"{where}: UNets with time_cond_proj_dim (LCM's guidance embedding) need a timestep_cond "
+                             f"input, which the stages do not take")
+    if config.get("encoder_hid_dim_type") not in (None, "text_proj"):
+        raise ModelLoadError(f"{where}: encoder_hid_dim_type {config['encoder_hid_dim_type']!r} needs image embeddings")
+    for kind, types, supported in (("down", config.get("down_block_types") or (), SUPPORTED_DOWN_BLOCKS),
+                                   ("up", config.get("up_block_types") or (), SUPPORTED_UP_BLOCKS)):
+        bad = [t for t in types if t not in supported]
+        if bad:
+            raise ModelLoadError(f"{where}: unsupported {kind} block types {bad} (supported: {', '.join(supported)})")
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in SUPPORTED_MID_BLOCKS:
+        raise ModelLoadError(f"{where}: unsupported mid block type {mid!r}")
+
+
+def _text_dim(config) -> int:
+    dim = config.encoder_hid_dim or config.cross_attention_dim
+    if isinstance(dim, (list, tuple)):
+        if len(set(dim)) != 1:
+            raise ModelLoadError(f"UNet: per-block cross_attention_dim {list(dim)} is not supported")
+        dim = dim[0]
+    return int(dim)
+
+
+def check_controlnet(controlnet, unet) -> None:
+    config = dict(controlnet.config)
+    if config.get("addition_embed_type") == "text_time":
+        raise ModelLoadError("ControlNet: SDXL-style ControlNets (addition_embed_type 'text_time') are not supported")
+    if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+        raise ModelLoadError("ControlNet: class-conditional ControlNets need class labels, which the stage lacks")
+    if config.get("addition_embed_type") not in (None, "text"):
+        raise ModelLoadError(f"ControlNet: addition_embed_type {config['addition_embed_type']!r} is not supported")
+    channels = [c for c, _ in skip_layout(unet)]
+    cn_channels = [block.out_channels for block in controlnet.controlnet_down_blocks]
+    if cn_channels != channels or [lv for _, lv in skip_layout(controlnet)] != [lv for _, lv in skip_layout(unet)]:
+        raise ModelLoadError(f"ControlNet residuals (channels {cn_channels}) do not match the UNet's skips {channels}")
+    if controlnet.controlnet_mid_block.out_channels != channels[-1]:
+        raise ModelLoadError("ControlNet mid residual does not match the UNet's mid block")
+    if controlnet.config.in_channels != unet.config.in_channels:
+        raise ModelLoadError(f"ControlNet has {controlnet.config.in_channels} input channels, the UNet "
+                             f"{unet.config.in_channels}")
+    if _text_dim(controlnet.config) != _text_dim(unet.config):
+        raise ModelLoadError("ControlNet and UNet expect different encoder_hidden_states widths")
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+
+
+def load_sd_pipeline_dir(path: str | Path) -> LoadedSD:
+    """A diffusers Stable Diffusion directory: model_index.json, unet/, vae/, text_encoder/ (CLIPTextModel),
+    tokenizer/, scheduler/scheduler_config.json."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory does not exist: {path}")
+    index = _read_json(path / "model_index.json")
+    if "text_encoder_2" in index or index.get("_class_name", "").startswith("StableDiffusionXL"):
+        raise ModelLoadError(f"{path}: SDXL pipelines ({index.get('_class_name')}) are not supported")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / part).is_dir():
+            raise ModelLoadError(f"{path}: the pipeline has no {part}/ directory")
+    check_unet_config(_read_json(path / "unet" / "config.json"), f"{path}/unet")
+    vae_config = _read_json(path / "vae" / "config.json")
+    if vae_config.get("_class_name") != "AutoencoderKL":
+        raise ModelLoadError(f"{path}/vae: expected an AutoencoderKL, found {vae_config.get('_class_name')!r}")
+    te_config = _read_json(path / "text_encoder" / "config.json")
+    if "CLIPTextModel" not in (te_config.get("architectures") or []):
+        raise ModelLoadError(f"{path}/text_encoder: expected a CLIPTextModel, found {te_config.get('architectures')}")
+    missing = [f for f in TOKENIZER_FILES if not (path / "tokenizer" / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{path}/tokenizer has no {' and no '.join(missing)} (the CLIP BPE files the runtime's "
+                             f"tokenizer reads)")
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32).eval()
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+    return LoadedSD(unet, vae, text_encoder, path / "tokenizer", scheduler_config, index, "diffusers-pipeline", path)
+
+
+def load_controlnet(path: str | Path):
+    """A diffusers ControlNetModel directory (config.json + weights)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"ControlNet directory does not exist: {path}")
+    config = _read_json(path / "config.json")
+    if config.get("_class_name") != "ControlNetModel":
+        raise ModelLoadError(f"{path}: expected a ControlNetModel, found {config.get('_class_name')!r}")
+    if config.get("addition_embed_type") == "text_time":
+        raise ModelLoadError(f"{path}: SDXL-style ControlNets (addition_embed_type 'text_time') are not supported")
+    from diffusers import ControlNetModel
+
+    try:
+        return ControlNetModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load ControlNet {path}: {exc}") from exc
+
+
+# --- stages ---------------------------------------------------------------------------------------------------------
+
+
+def _level_dims(level: int) -> tuple[str, str]:
+    return ("height", "width") if level == 0 else (f"height_{level}", f"width_{level}")
+
+
+def _size_dict(unet, height: int, width: int) -> dict[str, int]:
+    sizes = {}
+    for level, (h, w) in enumerate(level_sizes(unet, height, width)):
+        hd, wd = _level_dims(level)
+        sizes[hd], sizes[wd] = h, w
+    return sizes
+
+
+def default_latent_size(unet) -> tuple[int, int]:
+    s = unet.config.sample_size or DEFAULT_LATENT_SIZE
+    return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+def trace_latent_size(unet) -> tuple[int, int]:
+    """A latent size at which every downsample divides evenly (so no size-dependent branch is taken the "odd" way)
+    near the model's default, with height != width so the two axes cannot be unified by the trace."""
+    factor = 2 ** (len(level_sizes(unet, 1, 1)) - 1)
+    h, w = (max(2, math.ceil(s / factor)) * factor for s in default_latent_size(unet))
+    return (h, w + factor) if h == w else (h, w)
+
+
+def unet_model_config(loaded: LoadedSD, controlnet=None) -> dict:
+    """Facts about the model the runtime needs (for the manifest's model_config)."""
+    unet = loaded.unet
+    layout = skip_layout(unet)
+    cfg = {
+        "in_channels": unet.config.in_channels,
+        "out_channels": unet.config.out_channels,
+        "sample_size": list(default_latent_size(unet)),
+        "text_dim": _text_dim(unet.config),
+        "num_skips": len(layout),
+        "skip_channels": [c for c, _ in layout],
+        "skip_levels": [lv for _, lv in layout],
+        "num_levels": layout[-1][1] + 1,
+        "controlnet": controlnet is not None,
+    }
+    if loaded.vae is not None:
+        cfg["vae_scale_factor"] = 2 ** (len(loaded.vae.config.block_out_channels) - 1)
+        cfg["vae_scaling_factor"] = loaded.vae.config.scaling_factor
+    if loaded.text_encoder is not None:
+        te = loaded.text_encoder.config
+        cfg.update(text_len=te.max_position_embeddings, vocab_size=te.vocab_size)
+    return cfg
+
+
+def unet_stages(loaded: LoadedSD, controlnet=None) -> list[StageDef]:
+    """StageDefs for text_encoder (if loaded), encoder, decoder, full, controlnet (if given) and
+    vae_decoder (if loaded), each with batch / height / width / text_len dynamic where they apply."""
+    unet = loaded.unet.eval()
+    check_unet_config(dict(unet.config))
+    cfg = unet.config
+    layout = skip_layout(unet)
+    levels = layout[-1][1] + 1
+    text_dim = _text_dim(cfg)
+    te = loaded.text_encoder
+    text_len = te.config.max_position_embeddings if te is not None else DEFAULT_TEXT_LEN
+
+    f32 = "float32"
+    sample = TensorSpec("sample", f32, ("batch", cfg.in_channels, "height", "width"))
+    timestep = TensorSpec("timestep", f32, ("batch",))
+    ehs = TensorSpec("encoder_hidden_states", f32, ("batch", "text_len", text_dim))
+    skips = [TensorSpec(f"skip_{i}", f32, ("batch", c, *_level_dims(lv))) for i, (c, lv) in enumerate(layout)]
+    mid = TensorSpec("mid", f32, ("batch", layout[-1][0], *_level_dims(layout[-1][1])))
+    noise_pred = TensorSpec("noise_pred", f32, ("batch", cfg.out_channels, "height", "width"))
+
+    th, tw = trace_latent_size(unet)
+    dh, dw = default_latent_size(unet)
+    trace = {**_size_dict(unet, th, tw), "text_len": TRACE_TEXT_LEN}
+    flops = {**_size_dict(unet, dh, dw), "text_len": text_len}
+    spatial = {d: (1, MAX_SPATIAL) for lv in range(levels) for d in _level_dims(lv)}
+
+    def stage(name, module, inputs, outputs, trace_sizes=trace, flops_sizes=flops, ranges=spatial):
+        return StageDef(name, module.eval(), inputs, outputs, dict(trace_sizes), dict(flops_sizes), dict(ranges))
+
+    stages = []
+    if te is not None:
+        te = te.eval()
+        stages.append(stage(
+            "text_encoder", TextEncoderStage(te),
+            [TensorSpec("input_ids", "int64", ("batch", "text_len"))],
+            [TensorSpec("text_embeddings", f32, ("batch", "text_len", te.config.hidden_size))],
+            trace_sizes={"text_len": te.config.max_position_embeddings},
+            flops_sizes={"text_len": te.config.max_position_embeddings},
+            ranges={"text_len": (1, te.config.max_position_embeddings)},
+        ))
+    stages += [
+        stage("encoder", UNetEncoderStage(unet), [sample, timestep, ehs], [*skips, mid]),
+        stage("decoder", UNetDecoderStage(unet, len(skips)), [*skips, mid, timestep, ehs], [noise_pred]),
+        stage("full", UNetFullStage(unet), [sample, timestep, ehs], [noise_pred]),
+    ]
+    if controlnet is not None:
+        controlnet = controlnet.eval()
+        check_controlnet(controlnet, unet)
+        factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+        pooled = bool(controlnet.config.global_pool_conditions)
+        res_dims = (lambda lv: (1, 1)) if pooled else _level_dims
+        stages.append(stage(
+            "controlnet", ControlNetStage(controlnet),
+            [sample, timestep, ehs,
+             TensorSpec("controlnet_cond", f32, ("batch", controlnet.config.conditioning_channels,
+                                                 f"{factor}*height", f"{factor}*width")),
+             TensorSpec("conditioning_scale", f32, (1,))],
+            [*(TensorSpec(f"down_res_{i}", f32, ("batch", c, *res_dims(lv))) for i, (c, lv) in enumerate(layout)),
+             TensorSpec("mid_res", f32, ("batch", layout[-1][0], *res_dims(layout[-1][1])))],
+        ))
+    if loaded.vae is not None:
+        vae = loaded.vae.eval()
+        if vae.config.latent_channels != cfg.in_channels:
+            raise ModelLoadError(f"VAE has {vae.config.latent_channels} latent channels, the UNet {cfg.in_channels}")
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        stages.append(stage(
+            "vae_decoder", VAEDecoderStage(with_branch_free_upsamplers(vae)),
+            [TensorSpec("latent", f32, ("batch", vae.config.latent_channels, "height", "width"))],
+            [TensorSpec("image", f32, ("batch", vae.config.out_channels, f"{factor}*height", f"{factor}*width"))],
+            trace_sizes={"height": th, "width": tw}, flops_sizes={"height": dh, "width": dw},
+            ranges={"height": (1, MAX_SPATIAL), "width": (1, MAX_SPATIAL)},
+        ))
+    return stages

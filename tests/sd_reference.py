@@ -1,0 +1,135 @@
+"""Tiny Stable-Diffusion parts built from configs (no hub) and an independent FasterDiffusion reference loop.
+
+Nothing here imports keystep: these are the references keystep's UNet stages and sampler are checked against.
+"""
+
+import json
+
+import torch
+
+TINY_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, sample_size=16,
+    norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def tiny_unet(seed=0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**TINY_UNET, **overrides}).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(  # four blocks: the 8x latent -> image factor of SD; one resnet per decoder block
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=0, norm_num_groups=8, sample_size=128, scaling_factor=0.18215,
+    ).eval()
+
+
+def tiny_clip():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(2)
+    return CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)).eval()
+
+
+def tiny_tokenizer_vocab() -> dict[str, int]:
+    """A byte-level CLIP BPE vocabulary without merges (every byte is a token): valid, tiny, no hub needed."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def tiny_controlnet(unet):
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16)).eval()
+    with torch.no_grad():  # ControlNet's zero convs start at 0: randomise them, or the residuals are all zero
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                       controlnet.controlnet_cond_embedding.conv_out]:
+            for p in module.parameters():
+                p.normal_(0, 0.1)
+    return controlnet
+
+
+
+
+# --- FasterDiffusion for UNets, written from the paper's definition with diffusers' own blocks ----------------------
+
+
+def time_embedding(unet, t):
+    return unet.time_embedding(unet.time_proj(t).to(torch.float32))
+
+
+def fd_encode(unet, sample, t, text, down_res=None, mid_res=None):
+    """conv_in + down blocks + mid block at the key step -> (skip features incl. conv_in output, mid feature)."""
+    emb = time_embedding(unet, t)
+    h = unet.conv_in(sample)
+    skips = (h,)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=text)
+        else:
+            h, res = block(hidden_states=h, temb=emb)
+        skips += res
+    if down_res is not None:  # ControlNet residuals, as diffusers' UNet adds them
+        skips = tuple(s + r for s, r in zip(skips, down_res))
+    h = unet.mid_block(h, emb, encoder_hidden_states=text)
+    return skips, (h if mid_res is None else h + mid_res)
+
+
+def fd_decode(unet, skips, mid, t, text):
+    """Up blocks + output head with the current step's own timestep."""
+    emb = time_embedding(unet, t)
+    h = mid
+    for block in unet.up_blocks:
+        res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+        if getattr(block, "has_cross_attention", False):
+            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=text)
+        else:
+            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res)
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+
+
+def sd_encoder_propagation_sample(pipe, scheduler, prompt, negative_prompt, latents, steps, guidance, key_steps,
+                                  injection=(0.003, 0.5), controlnet=None, control_image=None, control_scale=1.0):
+    """A plain sequential loop: encoder (and ControlNet) at key steps, decoder every step, CFG [uncond, cond],
+    z <- z + alpha*z_T before each scheduler step with t < tau*T. ``latents`` as StableDiffusionPipeline takes them."""
+    import copy
+
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(steps)
+    unet = pipe.unet
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt)
+        text = torch.cat([uncond, cond])
+        z_T = latents * scheduler.init_noise_sigma
+        z = z_T
+        control = None if control_image is None else torch.cat([control_image, control_image])
+        for i, t in enumerate(scheduler.timesteps):
+            x = scheduler.scale_model_input(torch.cat([z, z]), t)
+            rows_t = t.expand(len(x)).float()
+            if i in key_steps:
+                down = mid = None
+                if controlnet is not None:
+                    down, mid = controlnet(x, rows_t, encoder_hidden_states=text, controlnet_cond=control,
+                                           conditioning_scale=control_scale, return_dict=False)
+                cache = fd_encode(unet, x, rows_t, text, down, mid)
+            noise = fd_decode(unet, *cache, rows_t, text)
+            u, c = noise.chunk(2)
+            eps = u + guidance * (c - u)
+            if injection is not None and t < injection[1] * scheduler.config.num_train_timesteps:
+                z = z + injection[0] * z_T
+            z = scheduler.step(eps, t, z).prev_sample
+    return z
