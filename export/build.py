@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from keystep.runtime.plan import parse_key_steps
@@ -12,6 +13,7 @@ from .bundle_writer import write_bundle
 from .dit_export import dit_stages
 from .dit_loaders import load_dit
 from .errors import ModelLoadError
+from .tokenizer_asset import tokenizer_asset
 
 # facebookresearch DiT trains with a linear beta schedule over 1000 steps; other fields keep diffusers' defaults.
 DIT_TRAINING_SCHEDULE = {
@@ -99,7 +101,9 @@ def build_unet_bundle(
         "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **UNET_NOISE_INJECTION},
     }
     stages = unet_stages(loaded, control)
-    return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": loaded.tokenizer_dir})
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = tokenizer_asset(loaded.tokenizer_dir, Path(scratch))
+        return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": tokenizer})
 
 
 def is_unet_pipeline(model: str) -> bool:

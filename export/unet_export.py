@@ -34,6 +34,7 @@ import torch
 
 from .dit_export import StageDef, TensorSpec, VAEDecoderStage
 from .errors import ModelLoadError
+from .tokenizer_asset import has_tokenizer
 from .unet_model import (
     ControlNetStage,
     TextEncoderStage,
@@ -51,7 +52,6 @@ SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 # CLIP's context length in every SD release; the FLOPs of text-conditioned stages are counted at it
 DEFAULT_TEXT_LEN = 77
 TRACE_TEXT_LEN = 7  # text_len of the export trace for the UNet stages (any length works afterwards)
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 DEFAULT_LATENT_SIZE = 64  # SD 1.x's 512 px, for UNet configs without sample_size
 MAX_SPATIAL = 16384  # upper bound of the height / width axes of the exported graphs (latent pixels)
 
@@ -161,10 +161,8 @@ def load_sd_pipeline_dir(path: str | Path) -> LoadedSD:
     te_config = _read_json(path / "text_encoder" / "config.json")
     if "CLIPTextModel" not in (te_config.get("architectures") or []):
         raise ModelLoadError(f"{path}/text_encoder: expected a CLIPTextModel, found {te_config.get('architectures')}")
-    missing = [f for f in TOKENIZER_FILES if not (path / "tokenizer" / f).is_file()]
-    if missing:
-        raise ModelLoadError(f"{path}/tokenizer has no {' and no '.join(missing)} (the CLIP BPE files the runtime's "
-                             f"tokenizer reads)")
+    if not has_tokenizer(path / "tokenizer"):
+        raise ModelLoadError(f"{path}/tokenizer has neither vocab.json + merges.txt nor tokenizer.json")
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
 
     from diffusers import AutoencoderKL, UNet2DConditionModel

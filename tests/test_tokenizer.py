@@ -351,3 +351,28 @@ def test_no_heavy_imports(tokenizer_dirs):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout
+
+
+def test_bundle_tokenizer_asset_from_tokenizer_json(tmp_path):
+    """transformers 5 saves only tokenizer.json; the build writes vocab.json/merges.txt from it for the runtime."""
+    transformers = pytest.importorskip("transformers")
+    from keystep.export.tokenizer_asset import tokenizer_asset
+
+    src = tmp_path / "src"
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = [("h", "a</w>"), ("t", "h"), ("th", "e</w>")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (tmp_path / "v.json").write_text(json.dumps(vocab))
+    (tmp_path / "m.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    reference = transformers.CLIPTokenizer(str(tmp_path / "v.json"), str(tmp_path / "m.txt"), model_max_length=77)
+    reference.save_pretrained(src)
+    for name in ("vocab.json", "merges.txt"):
+        (src / name).unlink(missing_ok=True)
+    assert (src / "tokenizer.json").is_file()
+    ours = ClipTokenizer.from_dir(tokenizer_asset(src, tmp_path))
+    prompts = ["the digit seven", "ha ha THE", "", "a handwritten 7!"]
+    want = reference(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    np.testing.assert_array_equal(ours.encode(prompts), np.asarray(want))

@@ -270,8 +270,9 @@ def test_rejects_sdxl_and_class_conditional_unets(sd_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="SDXL"):
         load_sd_pipeline_dir(copy)
     (copy / "unet" / "config.json").write_text(json.dumps(config))
-    (copy / "tokenizer" / "merges.txt").unlink()
-    with pytest.raises(ModelLoadError, match="merges.txt"):
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (copy / "tokenizer" / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="neither vocab.json"):
         load_sd_pipeline_dir(copy)
     shutil.rmtree(copy / "vae")
     with pytest.raises(ModelLoadError, match="vae"):
