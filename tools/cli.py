@@ -29,6 +29,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(ModelLoadError)
     except ImportError:
         pass
+    from .profile import ProfileError
+
+    errors.append(ProfileError)
     return tuple(errors)
 
 
@@ -159,6 +162,13 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile import run_profile_command
+
+    bundle = Bundle.load(args.bundle)
+    return run_profile_command(args, bundle, options_from_args(bundle, args), backend_from_args(args))
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -207,6 +217,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     add_plan_arguments(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("profile", help="time each stage of each plan, with speedups and the hardware floor")
+    from .profile import add_profile_arguments
+
+    add_profile_arguments(p)
+    add_backend_arguments(p)
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="build a DiT bundle and compare the baseline and key-step plans")
     p.add_argument("--dir", default="keystep-demo", help="where the demo bundle and outputs go")
