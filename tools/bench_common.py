@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -92,3 +93,11 @@ def to_markdown(r: dict, command: str, what: str) -> str:
         )
     lines.append(f"Baseline vs diffusers eager latents: max |diff| {r['max_abs_diff_baseline_vs_eager']:.2e}.")
     return "\n".join(lines)
+
+
+def report(r: dict, command: str, what: str, markdown: str | None) -> None:
+    """Print the table (and the build time) and write it to ``markdown`` when given."""
+    text = to_markdown(r, command, what) + f"\nBundle build: {r['build_seconds']:.1f} s."
+    print(text)
+    if markdown:
+        Path(markdown).write_text(text + "\n")

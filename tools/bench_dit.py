@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_common import measure, to_markdown
+from .bench_common import measure, report
 
 
 def make_diffusers_dit(preset: str, seed: int):
@@ -100,10 +100,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     r = run(args.preset, args.steps, args.repeats)
     command = f"python -m keystep.tools.bench_dit --preset {args.preset} --steps {args.steps} --repeats {args.repeats}"
-    text = to_markdown(r, command, f"DiT preset {args.preset}, DDIM") + f"\nBundle build: {r['build_seconds']:.1f} s."
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    report(r, command, f"DiT preset {args.preset}, DDIM", args.markdown)
     return 0
 
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_common import measure, to_markdown
+from .bench_common import measure, report
 
 
 def make_sd_dir(path: Path, seed: int = 0) -> Path:
@@ -95,11 +95,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     r = run(args.size, args.steps, args.repeats)
     command = f"python -m keystep.tools.bench_unet --size {args.size} --steps {args.steps} --repeats {args.repeats}"
-    what = f"reduced SD UNet 160/320/640, {args.size}×{args.size} px, DDIM"
-    text = to_markdown(r, command, what) + f"\nBundle build: {r['build_seconds']:.1f} s."
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    report(r, command, f"reduced SD UNet 160/320/640, {args.size}×{args.size} px, DDIM", args.markdown)
     return 0
 
 
