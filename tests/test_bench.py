@@ -1,6 +1,7 @@
 """The benchmark tool runs end to end (tiny model, few steps) and its numbers are consistent."""
 
-from keystep.tools.bench_dit import run, to_markdown
+from keystep.tools.bench_common import to_markdown
+from keystep.tools.bench_dit import run
 
 
 def test_bench_dit_smoke():
