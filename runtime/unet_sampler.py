@@ -14,6 +14,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
+from .plan import parse_key_steps
 from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, check_noise, row_timesteps, tile_per_half
 from .tokenizer import ClipTokenizer
 
@@ -81,7 +82,8 @@ class UNetSampler(PlanSampler):
                 raise SamplingError("this bundle has no ControlNet stage (build it with --controlnet)")
             control = self._check_control(control_image, images, height, width)
             control = np.concatenate([control, control]) if cfg else control
-            if parse_is_baseline(options):  # full UNet has no residual inputs: run every step as a key step
+            # the full UNet has no residual inputs: the baseline runs every step as a key step instead
+            if parse_key_steps(options.key_steps, options.num_steps, self.family).baseline:
                 options = replace(options, key_steps=list(range(options.num_steps)), parallel=False,
                                   noise_injection=bool(options.noise_injection))
         return self.run_plan(noise, options, TextToImageContext(text, control, control_scale), seed=seed)
@@ -119,10 +121,6 @@ class UNetSampler(PlanSampler):
 
     def prediction(self, outputs):
         return outputs["noise_pred"]
-
-
-def parse_is_baseline(options: SamplingOptions) -> bool:
-    return isinstance(options.key_steps, str) and options.key_steps.strip() in ("all", "baseline")
 
 
 def load_control_image(path: str, height: int, width: int) -> np.ndarray:

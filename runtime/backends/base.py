@@ -55,6 +55,14 @@ def check_feeds(spec: StageSpec, feeds: dict[str, np.ndarray]) -> None:
             raise BackendError(f"stage {spec.name!r} input {io.name!r}: shape {arr.shape}, expected {io.shape}")
 
 
+def import_optional(module: str, backend: str, install: str):
+    """Import a backend's package lazily, so a missing optional backend fails only when it is asked for."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(f"the {backend} backend needs the '{module}' package: pip install {install}") from exc
+
+
 # name -> (module, class); imported lazily so a missing optional backend only fails when it is asked for
 _BACKENDS = {
     "onnxruntime": ("keystep.runtime.backends.onnxruntime", "OnnxRuntimeBackend"),

@@ -5,15 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..bundle import StageSpec
-from .base import BackendError, check_feeds
-
-
-def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendError("the onnxruntime backend needs the 'onnxruntime' package: pip install onnxruntime") from exc
-    return onnxruntime
+from .base import BackendError, check_feeds, import_optional
 
 
 class OnnxRuntimeRunner:
@@ -31,7 +23,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, threads: int | None = None, providers: list[str] | None = None, spinning: bool = False):
-        self._ort = _import_ort()
+        self._ort = import_optional("onnxruntime", "onnxruntime", "onnxruntime")
         self.threads = threads
         self.providers = providers or ["CPUExecutionProvider"]
         # A plan alternates between sessions (encoder, decoder, ...), each with its own thread pool. With spinning

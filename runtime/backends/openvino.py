@@ -5,17 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..bundle import StageSpec
-from .base import BackendError, check_feeds
+from .base import BackendError, check_feeds, import_optional
 
 PRECISIONS = ("f32", "bf16")
-
-
-def _import_openvino():
-    try:
-        import openvino
-    except ImportError as exc:
-        raise BackendError("the openvino backend needs the 'openvino' package: pip install 'keystep[openvino]'") from exc
-    return openvino
 
 
 class OpenVINORunner:
@@ -36,7 +28,7 @@ class OpenVINOBackend:
     batches_decoders = False  # CPU only
 
     def __init__(self, threads: int | None = None, precision: str = "f32"):
-        self._ov = _import_openvino()
+        self._ov = import_optional("openvino", "openvino", "'keystep[openvino]'")
         self._core = self._ov.Core()
         if precision not in PRECISIONS:
             raise BackendError(f"openvino precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
