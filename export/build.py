@@ -6,14 +6,16 @@ import json
 import tempfile
 from pathlib import Path
 
+from keystep.models import shipped
 from keystep.runtime.plan import parse_key_steps
 from keystep.runtime.schedulers import class_name_for_scheduler, make_scheduler
 
 from .bundle_writer import write_bundle
-from .dit_export import dit_stages
+from .dit_export import dit_stages, dit_width_stages
 from .dit_loaders import load_dit
 from .errors import ModelLoadError
 from .tokenizer_asset import tokenizer_asset
+from .width_build import WidthPlan
 
 # facebookresearch DiT trains with a linear beta schedule over 1000 steps; other fields keep diffusers' defaults.
 DIT_TRAINING_SCHEDULE = {
@@ -50,26 +52,42 @@ def build_dit_bundle(
     scheduler_config: str | None = None,
     steps: int = 50,
     key_steps: str = "default",
-    guidance: float = 4.0,
+    guidance: float | None = None,
     num_heads: int | None = None,
+    width: str | None = None,
+    max_profiles: int = 8,
+    token_skip: str = "gather",
     progress=print,
 ) -> Path:
     loaded = load_dit(model, num_heads=num_heads)
     cfg = loaded.model.config
+    entry = shipped(model)
+    guidance = guidance if guidance is not None else (entry.default_plan.get("guidance", 4.0) if entry else 4.0)
     split = cfg.default_split if split is None else split
     parse_key_steps(key_steps, steps, "dit")  # fail early on a plan that does not fit
     sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
-    stages = dit_stages(loaded.model, split, loaded.vae)
+    width = width or ("dydit" if loaded.routers is not None else "none")
+    assets = {}
+    if width == "none":
+        stages = dit_stages(loaded.model, split, loaded.vae)
+    else:
+        plan = WidthPlan.compile(loaded, width, sched, steps, key_steps, split, max_profiles, token_skip, progress)
+        stages = dit_width_stages(loaded.model, split, plan.engines, plan.token_mode, loaded.vae)
     fields = {
         "family": "dit",
         "model_config": cfg.to_dict(),
         "split": split,
-        "source": {"kind": loaded.source_kind, "path": model if loaded.source_kind == "random" else str(Path(model).resolve())},
+        "source": {"kind": loaded.source_kind,
+                   "path": model if loaded.source_kind == "random" or entry else str(Path(model).resolve())},
         "labels": {str(k): v for k, v in sorted(loaded.labels.items())},
         "scheduler": sched,
         "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **DIT_NOISE_INJECTION},
     }
-    return write_bundle(Path(out), stages, fields, progress=progress)
+    if width == "none":
+        return write_bundle(Path(out), stages, fields, progress=progress)
+    fields["width"] = plan.manifest()
+    with tempfile.TemporaryDirectory() as scratch:
+        return write_bundle(Path(out), stages, fields, progress=progress, assets={"width": plan.save_masks(Path(scratch))})
 
 
 UNET_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.5}  # FasterDiffusion's SD setting: t < 500
@@ -114,6 +132,9 @@ def is_unet_pipeline(model: str) -> bool:
 def build_bundle(model: str, out: str, controlnet: str | None = None, **options) -> Path:
     """Dispatch on the model kind: a diffusers SD-style directory (has a unet) or a DiT."""
     if is_unet_pipeline(model):
+        given = [k for k in ("width", "max_profiles", "token_skip") if options.get(k) is not None]
+        if given:
+            raise ModelLoadError(f"--{given[0].replace('_', '-')} applies to DiT models only")
         options.pop("split", None), options.pop("num_heads", None)
         return build_unet_bundle(model, out, controlnet=controlnet, **options)
     if controlnet:

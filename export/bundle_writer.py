@@ -117,13 +117,19 @@ def stage_manifest_entry(stage: StageDef, files: list[Path], root: Path) -> dict
         sizes = {**stage.flops_sizes, "batch": batch}
         return {s.name: s.concrete(sizes) for s in stage.inputs}
 
-    flops = flops_per_sample(files[0], shapes)
-    return {
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gather graphs: the counter notes each MLP it cannot size
+        flops = flops_per_sample(files[0], shapes, strict=not stage.gathered_tokens)
+    per_sample = flops.per_sample + stage.gathered_tokens * sum(stage.token_mlp_flops)
+    entry = {
         "files": [{"path": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files],
         "inputs": [s.to_dict() for s in stage.inputs],
         "outputs": [s.to_dict() for s in stage.outputs],
-        "flops": {"per_sample": int(flops.per_sample), "constant": int(flops.constant)},
+        "flops": {"per_sample": int(per_sample), "constant": int(flops.constant)},
     }
+    if stage.token_mlp_flops:
+        entry["flops"]["token_mlp"] = list(stage.token_mlp_flops)
+    return entry
 
 
 def write_bundle(

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from keystep.runtime.bundle import parse_dim
 
-from .dit_model import DecoderStage, DiT, EncoderStage
+from keystep.runtime.width import WidthEngine
+
+from .dit_model import DecoderStage, DiT, EncoderStage, narrow_block
 from .errors import ModelLoadError
 
 
@@ -62,24 +65,77 @@ class StageDef:
     flops_sizes: dict[str, int] = field(default_factory=dict)
     # (min, max) per symbolic dim name for the export; dims not listed get bundle_writer.DEFAULT_DIM_RANGE
     dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # DyDiT token selection: per block, the FLOPs of its MLP for one token (turns the graph's reported token counts
+    # into FLOPs), and for gather graphs the tokens per sample whose MLPs the FLOP counter cannot see (their count
+    # is data-dependent; the manifest counts all of them, an upper bound)
+    token_mlp_flops: tuple[int, ...] = ()
+    gathered_tokens: int = 0
 
 
-def dit_stages(model: DiT, split: int, vae=None) -> list[StageDef]:
-    cfg = model.config
-    if not 1 <= split < cfg.depth:
-        raise ModelLoadError(f"--split {split} is out of range: the model has {cfg.depth} blocks (1..{cfg.depth - 1})")
+def _dit_specs(cfg) -> tuple[TensorSpec, list[TensorSpec], TensorSpec, TensorSpec]:
     s = cfg.input_size
     latent = TensorSpec("latent", "float32", ("batch", cfg.in_channels, s, s))
     cond = [TensorSpec("timestep", "float32", ("batch",)), TensorSpec("class_label", "int64", ("batch",))]
     hidden = TensorSpec("hidden", "float32", ("batch", cfg.num_tokens, cfg.hidden_size))
     output = TensorSpec("model_output", "float32", ("batch", cfg.out_channels, s, s))
+    return latent, cond, hidden, output
+
+
+def check_split(cfg, split: int) -> None:
+    if not 1 <= split < cfg.depth:
+        raise ModelLoadError(f"--split {split} is out of range: the model has {cfg.depth} blocks (1..{cfg.depth - 1})")
+
+
+def dit_stages(model: DiT, split: int, vae=None) -> list[StageDef]:
+    cfg = model.config
+    check_split(cfg, split)
+    latent, cond, hidden, output = _dit_specs(cfg)
     stages = [
         StageDef("encoder", EncoderStage(model, split).eval(), [latent, *cond], [hidden]),
         StageDef("decoder", DecoderStage(model, split).eval(), [hidden, *cond], [output]),
         StageDef("full", model.eval(), [latent, *cond], [output]),
     ]
     if vae is not None:
-        stages.append(vae_decoder_stage(vae, cfg.in_channels, s))
+        stages.append(vae_decoder_stage(vae, cfg.in_channels, cfg.input_size))
+    return stages
+
+
+def dit_width_stages(model: DiT, split: int, engines: list[WidthEngine], token_mode: str, vae=None) -> list[StageDef]:
+    """One encoder/decoder stage per width engine, its blocks narrowed to the engine's units. Merged engines take
+    ``head_mask``/``group_mask`` rows; with token selection every stage also reports its blocks' MLP token counts."""
+    cfg = model.config
+    check_split(cfg, split)
+    latent, cond, hidden, output = _dit_specs(cfg)
+    routed = model.blocks[0].token_router is not None and token_mode != "off"
+    gather = routed and token_mode == "gather"
+    stages = []
+    for engine in engines:
+        start = 0 if engine.stage == "encoder" else split
+        blocks = list(model.blocks)
+        for offset, units in enumerate(engine.units):
+            narrowed = narrow_block(blocks[start + offset], np.flatnonzero(units[0]).tolist(), np.flatnonzero(units[1]).tolist())
+            narrowed.token_mode = token_mode
+            blocks[start + offset] = narrowed
+        narrowed_model = model.with_blocks(blocks).eval()
+        stage_blocks = blocks[start : start + len(engine.units)]
+        inputs = [latent if engine.stage == "encoder" else hidden, *cond]
+        if engine.masked:
+            inputs += [
+                TensorSpec("head_mask", "float32", ("batch", sum(b.heads for b in stage_blocks))),
+                TensorSpec("group_mask", "float32", ("batch", sum(b.groups for b in stage_blocks))),
+            ]
+        outputs = [hidden if engine.stage == "encoder" else output]
+        if routed:
+            outputs.append(TensorSpec("mlp_tokens", "int64", (len(stage_blocks),)))
+        module = (EncoderStage if engine.stage == "encoder" else DecoderStage)(narrowed_model, split).eval()
+        stages.append(StageDef(
+            engine.name, module, inputs, outputs,
+            # only gather graphs skip work: dense token masking computes every token's MLP
+            token_mlp_flops=tuple(4 * cfg.hidden_size * b.fc1.out_features for b in stage_blocks) if gather else (),
+            gathered_tokens=cfg.num_tokens if gather else 0,
+        ))
+    if vae is not None:
+        stages.append(vae_decoder_stage(vae, cfg.in_channels, cfg.input_size))
     return stages
 
 

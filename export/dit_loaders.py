@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .dit_model import DiT, DiTConfig
+from .dydit import attach_dydit_routers, has_dydit_routers, router_heads
 from .errors import ModelLoadError
 
 # Every released DiT (S/B/L/XL) uses 64-dim heads; the original checkpoint format has no other way to tell.
@@ -22,14 +23,28 @@ class LoadedDiT:
     scheduler_config: dict | None = None
     vae: object | None = None  # diffusers AutoencoderKL when the pipeline has one
     labels: dict[int, str] = field(default_factory=dict)
+    routers: object | None = None  # dydit.WidthRouters of a DyDiT checkpoint (its token routers are in the blocks)
 
 
 def load_dit(path: str | Path, num_heads: int | None = None) -> LoadedDiT:
     """Dispatch on what ``path`` is: a diffusers pipeline dir, a transformer dir, or a .pt/.pth checkpoint."""
     if str(path).startswith("random:"):
-        from .random_models import parse_random_spec, random_dit
+        from .random_models import DYDIT_PRESETS, parse_random_spec, random_dit, random_dydit
 
-        return LoadedDiT(random_dit(*parse_random_spec(str(path))), "random")
+        preset, seed = parse_random_spec(str(path))
+        if preset in DYDIT_PRESETS:
+            model, routers = random_dydit(preset, seed)
+            return LoadedDiT(model, "random", routers=routers)
+        return LoadedDiT(random_dit(preset, seed), "random")
+    from keystep.models import shipped
+
+    entry = shipped(str(path))
+    if entry is not None:
+        if not entry.available:
+            raise ModelLoadError(f"shipped model {entry.name}: {entry.path} is missing from this install")
+        loaded = load_dit(entry.path, num_heads=num_heads)
+        loaded.scheduler_config = dict(entry.scheduler)
+        return loaded
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
@@ -39,7 +54,12 @@ def load_dit(path: str | Path, num_heads: int | None = None) -> LoadedDiT:
         if (path / "config.json").is_file():
             return LoadedDiT(load_diffusers_transformer(path), "diffusers-transformer")
         raise ModelLoadError(f"{path}: a directory but neither model_index.json nor config.json is in it")
-    return LoadedDiT(load_original_checkpoint(path, num_heads=num_heads), "original-checkpoint")
+    sd, metadata = read_checkpoint(path)
+    if num_heads is None and "num_heads" in metadata:
+        num_heads = int(metadata["num_heads"])
+    model = dit_from_original_state_dict(sd, num_heads)
+    routers = attach_dydit_routers(model, sd) if has_dydit_routers(sd) else None
+    return LoadedDiT(model, "dydit-checkpoint" if routers else "original-checkpoint", routers=routers)
 
 
 def _read_json(path: Path) -> dict:
@@ -127,13 +147,17 @@ def dit_from_diffusers(src) -> DiT:
     return _build(cfg, out)
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .pt/.pth/.safetensors; {"model", "ema"} wrappers unwrap to "ema" first."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) from .pt/.pth/.safetensors; {"model", "ema"} wrappers unwrap to "ema" first.
+    safetensors metadata may say what the original format cannot, e.g. ``num_heads``."""
+    metadata = {}
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            sd = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = f.metadata() or {}
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
@@ -145,15 +169,14 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
         raise ModelLoadError(f"{path}: not an original DiT checkpoint (no x_embedder.proj.weight)")
-    return sd
+    return sd, metadata
 
 
 def config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     if num_heads is None:
-        router = sd.get("blocks.0.attn_rate.router.weight")  # DyDiT routers have num_heads - 1 outputs
-        num_heads = router.shape[0] + 1 if router is not None else hidden // ORIGINAL_DIT_HEAD_DIM
+        num_heads = router_heads(sd) or hidden // ORIGINAL_DIT_HEAD_DIM
     if hidden % num_heads:
         raise ModelLoadError(f"hidden size {hidden} is not divisible by {num_heads} heads")
     grid = int(round(sd["pos_embed"].shape[1] ** 0.5))
@@ -174,33 +197,37 @@ def config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = No
     )
 
 
-def load_original_checkpoint(path: Path, num_heads: int | None = None) -> DiT:
-    sd = read_checkpoint(Path(path))
-    return dit_from_original_state_dict(sd, num_heads)
+# our parameter name -> the original DiT's (facebookresearch/DiT models.py); per block under "blocks.{i}."
+ORIGINAL_NAMES = {
+    "x_proj": "x_embedder.proj", "t_fc1": "t_embedder.mlp.0", "t_fc2": "t_embedder.mlp.2",
+    "final_ada": "final_layer.adaLN_modulation.1", "final_linear": "final_layer.linear",
+}
+ORIGINAL_BLOCK_NAMES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+                        "ada": "adaLN_modulation.1"}
+
+
+def _original_pairs(depth: int):
+    """(ours, theirs) for every tensor of the original layout."""
+    yield "pos_embed", "pos_embed"
+    yield "y_table.weight", "y_embedder.embedding_table.weight"
+    for ours, theirs in ORIGINAL_NAMES.items():
+        for w in ("weight", "bias"):
+            yield f"{ours}.{w}", f"{theirs}.{w}"
+    for i in range(depth):
+        for ours, theirs in ORIGINAL_BLOCK_NAMES.items():
+            for w in ("weight", "bias"):
+                yield f"blocks.{i}.{ours}.{w}", f"blocks.{i}.{theirs}.{w}"
 
 
 def dit_from_original_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DiT:
     cfg = config_from_original(sd, num_heads)
-    out = {
-        "x_proj.weight": sd["x_embedder.proj.weight"],
-        "x_proj.bias": sd["x_embedder.proj.bias"],
-        "pos_embed": sd["pos_embed"].float(),
-        "t_fc1.weight": sd["t_embedder.mlp.0.weight"],
-        "t_fc1.bias": sd["t_embedder.mlp.0.bias"],
-        "t_fc2.weight": sd["t_embedder.mlp.2.weight"],
-        "t_fc2.bias": sd["t_embedder.mlp.2.bias"],
-        "y_table.weight": sd["y_embedder.embedding_table.weight"],
-        "final_ada.weight": sd["final_layer.adaLN_modulation.1.weight"],
-        "final_ada.bias": sd["final_layer.adaLN_modulation.1.bias"],
-        "final_linear.weight": sd["final_layer.linear.weight"],
-        "final_linear.bias": sd["final_layer.linear.bias"],
-    }
-    names = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "ada": "adaLN_modulation.1"}
-    for i in range(cfg.depth):
-        for ours, theirs in names.items():
-            for w in ("weight", "bias"):
-                out[f"blocks.{i}.{ours}.{w}"] = sd[f"blocks.{i}.{theirs}.{w}"]
-    return _build(cfg, out)
+    return _build(cfg, {ours: sd[theirs] for ours, theirs in _original_pairs(cfg.depth)})
+
+
+def original_state_dict(model: DiT) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the original DiT key names (what training writes, so every loader path is used)."""
+    ours = model.state_dict()
+    return {theirs: ours[name].detach().clone().contiguous() for name, theirs in _original_pairs(model.config.depth)}
 
 
 def _build(cfg: DiTConfig, state: dict[str, torch.Tensor]) -> DiT:

@@ -14,6 +14,7 @@ FLOP counter) understands.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -64,32 +65,100 @@ def timestep_frequencies(dim: int, shift: int) -> torch.Tensor:
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, mlp_hidden: int, mlp_norm_eps: float):
+    """One DiT block, optionally narrowed (fewer heads / MLP groups than the model) and with DyDiT's token router.
+
+    Width masks (merged width profiles): ``head_mask`` (rows, heads) multiplies each head's output after attn·v,
+    ``group_mask`` (rows, groups) the fc1 output before GELU — exactly where DyDiT applies its masks. A narrowed
+    block without masks computes the same as the full block masked with its kept units, since GELU(0) = 0 and the
+    dropped proj/fc2 columns would only have multiplied zeros.
+
+    ``token_mode`` (DyDiT's spatial token router, when ``token_router`` is set): "gather" runs the MLP on the
+    selected tokens only (NonZero -> Gather -> MLP -> scatter into zeros), "dense" runs it on every token and
+    multiplies by the 0/1 selection, "off" ignores the router (every token takes the MLP).
+    """
+
+    def __init__(self, hidden: int, heads: int, mlp_hidden: int, mlp_norm_eps: float, head_dim: int | None = None,
+                 group_size: int | None = None):
         super().__init__()
         self.heads = heads
+        self.head_dim = head_dim or hidden // heads
+        self.group_size = group_size or mlp_hidden // heads  # DyDiT: num_heads MLP groups
         self.mlp_norm_eps = mlp_norm_eps
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.qkv = nn.Linear(hidden, 3 * heads * self.head_dim)
+        self.proj = nn.Linear(heads * self.head_dim, hidden)
         self.fc1 = nn.Linear(hidden, mlp_hidden)
         self.fc2 = nn.Linear(mlp_hidden, hidden)
         self.ada = nn.Linear(hidden, 6 * hidden)
+        self.token_router: nn.Module | None = None
+        self.token_mode = "off"
+        self.token_gate = None  # training: logits -> differentiable 0/1 selection (dense mode); None = logit > 0
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+    @property
+    def groups(self) -> int:
+        return self.fc1.out_features // self.group_size
+
+    def attention(self, x: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, t, _ = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(d // self.heads))
-        out = torch.matmul(scores.softmax(dim=-1), v)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
+        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2)  # (n, t, heads, head_dim)
+        if head_mask is not None:
+            out = out * head_mask[:, None, :, None]
+        return self.proj(out.reshape(n, t, self.heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
+    def mlp(self, h: torch.Tensor, group_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``group_mask`` broadcasts against ``h`` without its channel axis: (rows, 1, groups) or (tokens, groups)."""
+        a = self.fc1(h)
+        if group_mask is not None:
+            a = (a.unflatten(-1, (self.groups, self.group_size)) * group_mask.unsqueeze(-1)).flatten(-2)
+        return self.fc2(F.gelu(a, approximate="tanh"))
+
+    def forward(self, x, c, head_mask=None, group_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (x, number of tokens that ran the MLP, or None without token selection)."""
+        n, t, d = x.shape
         mod = self.ada(F.silu(c)).unsqueeze(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = F.layer_norm(x, (d,), eps=1e-6) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attention(h)
+        x = x + gate_msa * self.attention(h, head_mask)
         h = F.layer_norm(x, (d,), eps=self.mlp_norm_eps) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        row_groups = None if group_mask is None else group_mask.unsqueeze(1)
+        if self.token_router is None or self.token_mode == "off":
+            return x + gate_mlp * self.mlp(h, row_groups), None
+        logits = self.token_router(x)  # DyDiT SDT: on the post-attention residual stream
+        select = logits > 0
+        if self.token_mode == "dense":
+            weight = select.to(x.dtype) if self.token_gate is None else self.token_gate(logits)
+            return x + weight * (gate_mlp * self.mlp(h, row_groups)), select.sum()
+        index = torch.nonzero(select.reshape(-1)).reshape(-1)
+        token_groups = None if group_mask is None else group_mask.index_select(0, torch.div(index, t, rounding_mode="floor"))
+        out = self.mlp(h.reshape(n * t, d).index_select(0, index), token_groups)
+        scattered = torch.zeros(n * t, d, dtype=x.dtype).index_copy(0, index, out)
+        return x + gate_mlp * scattered.reshape(n, t, d), index.shape[0] * torch.ones((), dtype=torch.int64)
+
+
+def narrow_block(block: DiTBlock, heads: list[int], groups: list[int]) -> DiTBlock:
+    """A copy of ``block`` that physically keeps only ``heads`` and MLP ``groups`` (q/k/v rows and proj columns of
+    the heads, fc1 rows and fc2 columns of the groups); the residual width stays."""
+    hd, gs = block.head_dim, block.group_size
+    width = block.heads * hd
+    head_units = torch.tensor([h * hd + j for h in heads for j in range(hd)])
+    qkv_rows = torch.cat([part * width + head_units for part in range(3)])
+    group_units = torch.tensor([g * gs + j for g in groups for j in range(gs)])
+    hidden = block.ada.in_features
+    out = DiTBlock(hidden, len(heads), len(groups) * gs, block.mlp_norm_eps, head_dim=hd, group_size=gs)
+    with torch.no_grad():
+        out.qkv.weight.copy_(block.qkv.weight[qkv_rows])
+        out.qkv.bias.copy_(block.qkv.bias[qkv_rows])
+        out.proj.weight.copy_(block.proj.weight[:, head_units])
+        out.proj.bias.copy_(block.proj.bias)
+        out.fc1.weight.copy_(block.fc1.weight[group_units])
+        out.fc1.bias.copy_(block.fc1.bias[group_units])
+        out.fc2.weight.copy_(block.fc2.weight[:, group_units])
+        out.fc2.bias.copy_(block.fc2.bias)
+        out.ada.load_state_dict(block.ada.state_dict())
+    out.token_router, out.token_mode = block.token_router, block.token_mode
+    return out.eval()
 
 
 class DiT(nn.Module):
@@ -122,10 +191,20 @@ class DiT(nn.Module):
     def condition(self, timestep: torch.Tensor, class_label: torch.Tensor) -> torch.Tensor:
         return self.timestep_embedding(timestep) + self.y_table(class_label)
 
-    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def run_blocks(self, x, c, start: int, stop: int, head_mask=None, group_mask=None):
+        """blocks[start:stop] -> (x, per-block MLP token counts (int64 vector) or None without token selection).
+        The masks, when given, hold each block's units side by side: (rows, sum of the blocks' heads / groups)."""
+        counts, heads_at, groups_at = [], 0, 0
         for block in self.blocks[start:stop]:
-            x = block(x, c)
-        return x
+            hm = gm = None
+            if head_mask is not None:
+                hm = head_mask[:, heads_at : heads_at + block.heads]
+                gm = group_mask[:, groups_at : groups_at + block.groups]
+                heads_at, groups_at = heads_at + block.heads, groups_at + block.groups
+            x, count = block(x, c, hm, gm)
+            if count is not None:
+                counts.append(count)
+        return x, (torch.stack(counts) if counts else None)
 
     def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -137,19 +216,31 @@ class DiT(nn.Module):
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, class_label: torch.Tensor) -> torch.Tensor:
         c = self.condition(timestep, class_label)
-        return self.head(self.run_blocks(self.embed(latent), c, 0, self.config.depth), c)
+        return self.head(self.run_blocks(self.embed(latent), c, 0, self.config.depth)[0], c)
+
+    def with_blocks(self, blocks: list[DiTBlock]) -> "DiT":
+        """A copy sharing every module except the blocks (e.g. narrowed ones for a width profile)."""
+        other = copy.copy(self)
+        other._modules = dict(self._modules)
+        other.blocks = nn.ModuleList(blocks)
+        return other
+
+
+def _outputs(x: torch.Tensor, counts: torch.Tensor | None):
+    return x if counts is None else (x, counts)
 
 
 class EncoderStage(nn.Module):
-    """Patch embedding + blocks[:split] -> hidden tokens (run at key steps only)."""
+    """Patch embedding + blocks[:split] -> hidden tokens (run at key steps only).
+    Extra inputs/outputs with DyDiT widths: masks (merged profiles) and MLP token counts (token selection)."""
 
     def __init__(self, model: DiT, split: int):
         super().__init__()
         self.model, self.split = model, split
 
-    def forward(self, latent, timestep, class_label):
+    def forward(self, latent, timestep, class_label, head_mask=None, group_mask=None):
         c = self.model.condition(timestep, class_label)
-        return self.model.run_blocks(self.model.embed(latent), c, 0, self.split)
+        return _outputs(*self.model.run_blocks(self.model.embed(latent), c, 0, self.split, head_mask, group_mask))
 
 
 class DecoderStage(nn.Module):
@@ -159,6 +250,7 @@ class DecoderStage(nn.Module):
         super().__init__()
         self.model, self.split = model, split
 
-    def forward(self, hidden, timestep, class_label):
+    def forward(self, hidden, timestep, class_label, head_mask=None, group_mask=None):
         c = self.model.condition(timestep, class_label)
-        return self.model.head(self.model.run_blocks(hidden, c, self.split, self.model.config.depth), c)
+        x, counts = self.model.run_blocks(hidden, c, self.split, self.model.config.depth, head_mask, group_mask)
+        return _outputs(self.model.head(x, c), counts)

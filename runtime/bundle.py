@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .width import WidthEngine, WidthTable
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -60,11 +62,26 @@ class StageSpec:
     outputs: tuple[IOSpec, ...]
     flops_per_sample: int | None
     flops_constant: int
+    token_mlp_flops: tuple[int, ...] = ()  # per block, one token's MLP (DyDiT token selection)
 
     def flops(self, batch: int) -> int | None:
+        """FLOPs of a call at ``batch`` rows (with token selection: as if every token ran its MLP)."""
         if self.flops_per_sample is None:
             return None
         return self.flops_per_sample * batch + self.flops_constant
+
+    def actual_flops(self, batch: int, mlp_tokens) -> int | None:
+        """FLOPs of a call whose blocks ran their MLPs on ``mlp_tokens`` tokens (the graph's own count)."""
+        full = self.flops(batch)
+        if full is None or not self.token_mlp_flops:
+            return full
+        tokens_per_block = batch * self._tokens
+        return full - sum((tokens_per_block - int(n)) * f for n, f in zip(mlp_tokens, self.token_mlp_flops))
+
+    @property
+    def _tokens(self) -> int:
+        hidden = next(s for s in self.inputs + self.outputs if s.name == "hidden")
+        return hidden.shape[1]
 
 
 class Bundle:
@@ -88,6 +105,16 @@ class Bundle:
     @property
     def default_plan(self) -> dict:
         return self.manifest["default_plan"]
+
+    @property
+    def width(self) -> "WidthTable | None":
+        """The width profiles of a DyDiT/calibrated bundle (None for dense bundles), loaded once."""
+        section = self.manifest.get("width")
+        if section is None:
+            return None
+        if not hasattr(self, "_width"):
+            self._width = load_width_table(self, section)
+        return self._width
 
     @classmethod
     def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
@@ -122,6 +149,25 @@ class Bundle:
             raise BundleError(f"bundle {self.root} has no stage {name!r} (has: {', '.join(self.stages)})") from None
 
 
+def load_width_table(bundle: Bundle, section: dict) -> WidthTable:
+    import numpy as np
+
+    path = bundle.root / section["masks"]
+    try:
+        masks = np.load(path, allow_pickle=False)
+        heads = bundle.model_config["num_heads"]
+        engines = [WidthEngine.from_manifest(e, heads) for e in section["engines"]]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise BundleError(f"bundle {bundle.root}: unreadable width profiles ({path.name}): {exc}") from None
+    if masks.dtype != bool or masks.ndim != 4 or masks.shape[1:] != (bundle.model_config["depth"], 2, heads):
+        raise BundleError(f"bundle {bundle.root}: {path.name} has shape {masks.shape}, not (timesteps, depth, 2, heads)")
+    missing = [e.name for e in engines if e.name not in bundle.stages]
+    if missing:
+        raise BundleError(f"bundle {bundle.root}: width engines {missing} have no stage in the manifest")
+    flops = {e.name: bundle.stage(e.name).flops(1) or 0 for e in engines}
+    return WidthTable(masks, bundle.manifest["split"], engines, flops)
+
+
 def _io(entries: list[dict]) -> tuple[IOSpec, ...]:
     return tuple(IOSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in entries)
 
@@ -137,6 +183,7 @@ def _stage_spec(root: Path, name: str, entry: dict, verify: bool) -> StageSpec:
             outputs=_io(entry["outputs"]),
             flops_per_sample=flops.get("per_sample"),
             flops_constant=flops.get("constant", 0),
+            token_mlp_flops=tuple(flops.get("token_mlp", ())),
         )
     except (KeyError, IndexError, TypeError) as exc:
         raise BundleError(f"manifest entry for stage {name!r} is malformed: {exc!r}") from None

@@ -12,7 +12,7 @@ from .sampler import (
     SamplingError,
     SamplingOptions,
     check_noise,
-    row_timesteps,
+    row_values,
     tile_per_half,
 )
 
@@ -49,7 +49,7 @@ class DiTSampler(PlanSampler):
         steps = len(step_t)
         return {
             "hidden": tile_per_half(hidden, steps, cfg),
-            "timestep": row_timesteps(step_t, images, cfg),
+            "timestep": row_values(step_t, images, cfg),
             "class_label": tile_per_half(labels, steps, cfg),
         }
 

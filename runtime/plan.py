@@ -92,14 +92,27 @@ class StageCall:
     stage: str  # "full" | "encoder" | "decoder"
     steps: tuple[int, ...]  # the step indices this call computes (one for full/encoder)
     batch: int  # rows = len(steps) * CFG multiplier * images
+    engine: str = ""  # the bundle stage that runs it when that differs from ``stage`` (a width profile)
+
+    @property
+    def runner(self) -> str:
+        return self.engine or self.stage
 
 
 def build_calls(
-    plan: KeyStepPlan, images: int, cfg: bool, parallel: bool = True, max_decoder_batch: int | None = None
+    plan: KeyStepPlan,
+    images: int,
+    cfg: bool,
+    parallel: bool = True,
+    max_decoder_batch: int | None = None,
+    engines: dict[str, list[str]] | None = None,
 ) -> list[StageCall]:
+    """``engines``: per stage, the engine of every step (width bundles). A batched decoder call covers only
+    consecutive steps that share an engine: a group is split where the width profile changes."""
     rows_per_step = images * (2 if cfg else 1)
     if plan.baseline:
         return [StageCall("full", (i,), rows_per_step) for i in range(plan.num_steps)]
+    engine_of = engines or {"encoder": [""] * plan.num_steps, "decoder": [""] * plan.num_steps}
     if max_decoder_batch is not None and max_decoder_batch < rows_per_step:
         raise PlanError(
             f"--max-decoder-batch {max_decoder_batch} is below one step's rows ({rows_per_step} = images x CFG)"
@@ -109,18 +122,22 @@ def build_calls(
         steps_per_call = plan.num_steps if max_decoder_batch is None else max_decoder_batch // rows_per_step
     calls = []
     for group in plan.groups:
-        calls.append(StageCall("encoder", (group[0],), rows_per_step))
-        for start in range(0, len(group), steps_per_call):
-            chunk = group[start : start + steps_per_call]
-            calls.append(StageCall("decoder", chunk, len(chunk) * rows_per_step))
+        calls.append(StageCall("encoder", (group[0],), rows_per_step, engine_of["encoder"][group[0]]))
+        chunk: list[int] = []
+        for step in group:
+            if chunk and (len(chunk) == steps_per_call or engine_of["decoder"][step] != engine_of["decoder"][chunk[0]]):
+                calls.append(StageCall("decoder", tuple(chunk), len(chunk) * rows_per_step, engine_of["decoder"][chunk[0]]))
+                chunk = []
+            chunk.append(step)
+        calls.append(StageCall("decoder", tuple(chunk), len(chunk) * rows_per_step, engine_of["decoder"][chunk[0]]))
     return calls
 
 
 def plan_flops(calls: list[StageCall], stage_flops) -> int | None:
-    """Total FLOPs of a call list; ``stage_flops(stage, batch)`` gives one call's (None if unknown)."""
+    """Total FLOPs of a call list; ``stage_flops(runner, batch)`` gives one call's (None if unknown)."""
     total = 0
     for call in calls:
-        flops = stage_flops(call.stage, call.batch)
+        flops = stage_flops(call.runner, call.batch)
         if flops is None:
             return None
         total += flops

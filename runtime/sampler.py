@@ -53,6 +53,7 @@ class PreparedRun:
     noise_injection: bool
     scheduler: object  # a fresh scheduler with its timesteps set: one per run (schedulers carry state)
     timesteps: np.ndarray
+    step_masks: np.ndarray | None = None  # width bundles: (steps, depth, 2, heads)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class SampleResult:
     prepared: PreparedRun
     call_seconds: list[float] = field(default_factory=list)
     total_seconds: float = 0.0
+    call_flops: list[int | None] = field(default_factory=list)  # what each call computed (token selection counted)
+    mlp_tokens: list[tuple[int, ...]] = field(default_factory=list)  # per call, per block: tokens that ran the MLP
 
     @property
     def host_seconds(self) -> float:
@@ -88,9 +91,27 @@ def scheduler_for(bundle: Bundle, options: SamplingOptions):
     return scheduler, np.asarray(scheduler.timesteps)
 
 
-def row_timesteps(step_t: np.ndarray, images: int, cfg: bool) -> np.ndarray:
-    """Per-row timesteps of a decoder call in the plan's layout (step-major in each CFG half)."""
-    return np.tile(np.repeat(step_t, images), 2 if cfg else 1).astype(np.float32)
+def row_values(step_t: np.ndarray, images: int, cfg: bool) -> np.ndarray:
+    """Per-row values (timesteps, mask rows) of a call in the plan's layout: step-major in each CFG half."""
+    rows = np.repeat(np.asarray(step_t), images, axis=0)
+    return np.concatenate([rows, rows] if cfg else [rows]).astype(np.float32)
+
+
+def prepare_run(bundle: Bundle, options: SamplingOptions, images: int, parallel: bool, full_usable: bool) -> PreparedRun:
+    """The run's scheduler, plan and call list (with each step's width engine on width bundles)."""
+    scheduler, timesteps = scheduler_for(bundle, options)
+    plan = parse_key_steps(options.key_steps, len(timesteps), bundle.family)
+    cfg = options.guidance > 1
+    injection = (not plan.baseline) if options.noise_injection is None else options.noise_injection
+    if plan.baseline and not full_usable:
+        # every step a key step, one step per call: the same computation as the full model
+        plan, parallel = KeyStepPlan(plan.num_steps, tuple(range(plan.num_steps)), spec=plan.spec), False
+    width, engines, step_masks = bundle.width, None, None
+    if width is not None:
+        step_masks = width.step_masks(timesteps)
+        engines = {stage: [e.name for e in chosen] for stage, chosen in width.assign(timesteps).items()}
+    calls = build_calls(plan, images, cfg, parallel, options.max_decoder_batch, engines)
+    return PreparedRun(plan, calls, cfg, injection, scheduler, timesteps, step_masks)
 
 
 class PlanSampler:
@@ -109,17 +130,31 @@ class PlanSampler:
             self._runners[stage] = self.backend.load(self.bundle.stage(stage))
         return self._runners[stage]
 
-    def prepare(self, options: SamplingOptions, images: int) -> PreparedRun:
-        scheduler, timesteps = scheduler_for(self.bundle, options)
-        plan = parse_key_steps(options.key_steps, len(timesteps), self.family)
-        cfg = options.guidance > 1
+    def prepare(self, options: SamplingOptions, images: int, context=None) -> PreparedRun:
         parallel = options.parallel if options.parallel is not None else self.backend.batches_decoders
-        calls = build_calls(plan, images, cfg, parallel, options.max_decoder_batch)
-        injection = (not plan.baseline) if options.noise_injection is None else options.noise_injection
-        return PreparedRun(plan, calls, cfg, injection, scheduler, timesteps)
+        return prepare_run(self.bundle, options, images, parallel, self.full_stage_usable(context))
+
+    def full_stage_usable(self, context) -> bool:
+        """Whether the baseline plan can run the ``full`` stage (width bundles have none)."""
+        return "full" in self.bundle.stages
 
     def plan_flops(self, prepared: PreparedRun) -> int | None:
         return plan_flops(prepared.calls, lambda stage, batch: self.bundle.stage(stage).flops(batch))
+
+    def width_feeds(self, call: StageCall, prepared: PreparedRun, images: int) -> dict[str, np.ndarray]:
+        """head_mask/group_mask rows for a merged width engine (nothing for exact ones)."""
+        width = self.bundle.width
+        if width is None:
+            return {}
+        engine = next(e for e in width.engines if e.name == call.runner)
+        if not engine.masked:
+            return {}
+        blocks = width.blocks(engine.stage)
+        rows = [engine.mask_rows(prepared.step_masks[step][blocks]) for step in call.steps]
+        return {
+            "head_mask": row_values(np.stack([r[0] for r in rows]), images, prepared.cfg),
+            "group_mask": row_values(np.stack([r[1] for r in rows]), images, prepared.cfg),
+        }
 
     # --- family hooks -------------------------------------------------------------------------------------------
     def latent_input_feeds(self, x: np.ndarray, t, context) -> dict[str, np.ndarray]:
@@ -140,7 +175,7 @@ class PlanSampler:
     # --- the loop -----------------------------------------------------------------------------------------------
     def run_plan(self, noise: np.ndarray, options: SamplingOptions, context, seed: int = 0) -> SampleResult:
         images = len(noise)
-        prepared = self.prepare(options, images)
+        prepared = self.prepare(options, images, context)
         scheduler, timesteps = prepared.scheduler, prepared.timesteps
         rng = np.random.default_rng(seed + 1)  # for stochastic schedulers (DDPM)
         cfg = prepared.cfg
@@ -148,7 +183,7 @@ class PlanSampler:
         z = z_T
         inject_below = options.noise_tau * scheduler.num_train_timesteps
         cache = None
-        call_seconds = []
+        call_seconds, call_flops, mlp_tokens = [], [], []
         start = time.perf_counter()
         for call in prepared.calls:
             step_t = timesteps[list(call.steps)]
@@ -158,9 +193,12 @@ class PlanSampler:
                 x = scheduler.scale_model_input(z, step_t[0]).astype(np.float32)
                 x = np.concatenate([x, x]) if cfg else x
                 feeds = self.latent_input_feeds(x, step_t[0], context)
+            feeds.update(self.width_feeds(call, prepared, images))
             t0 = time.perf_counter()
-            outputs = self.runner(call.stage).run(feeds)
+            outputs = self.runner(call.runner).run(feeds)
             call_seconds.append(time.perf_counter() - t0)
+            mlp_tokens.append(tuple(int(n) for n in outputs.get("mlp_tokens", ())))
+            call_flops.append(self.bundle.stage(call.runner).actual_flops(call.batch, mlp_tokens[-1]))
             if call.stage == "encoder":
                 cache = self.encoder_cache(outputs, x, step_t[0], context)
                 continue
@@ -176,7 +214,7 @@ class PlanSampler:
                 if prepared.noise_injection and t < inject_below:
                     z = z + np.float32(options.noise_alpha) * z_T
                 z = scheduler.step(pred[j], t, z, rng=rng).astype(np.float32)
-        return SampleResult(z, prepared, call_seconds, time.perf_counter() - start)
+        return SampleResult(z, prepared, call_seconds, time.perf_counter() - start, call_flops, mlp_tokens)
 
     def decode(self, latents: np.ndarray) -> np.ndarray | None:
         """Images as uint8 (N, H, W, C) through the bundle's VAE stage; None if the bundle has none."""

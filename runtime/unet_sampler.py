@@ -8,14 +8,13 @@ the baseline plan (``all``) runs encoder + decoder at every step, which is exact
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
-from .plan import parse_key_steps
-from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, check_noise, row_timesteps, tile_per_half
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, check_noise, row_values, tile_per_half
 from .tokenizer import ClipTokenizer
 
 
@@ -82,11 +81,11 @@ class UNetSampler(PlanSampler):
                 raise SamplingError("this bundle has no ControlNet stage (build it with --controlnet)")
             control = self._check_control(control_image, images, height, width)
             control = np.concatenate([control, control]) if cfg else control
-            # the full UNet has no residual inputs: the baseline runs every step as a key step instead
-            if parse_key_steps(options.key_steps, options.num_steps, self.family).baseline:
-                options = replace(options, key_steps=list(range(options.num_steps)), parallel=False,
-                                  noise_injection=bool(options.noise_injection))
         return self.run_plan(noise, options, TextToImageContext(text, control, control_scale), seed=seed)
+
+    def full_stage_usable(self, context) -> bool:
+        # the full UNet has no residual inputs: with ControlNet the baseline runs every step as a key step instead
+        return (context is None or context.control is None) and super().full_stage_usable(context)
 
     def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         return height or self.default_size[0], width or self.default_size[1]
@@ -115,7 +114,7 @@ class UNetSampler(PlanSampler):
     def decoder_feeds(self, cache, step_t, images, cfg, ctx: TextToImageContext):
         steps = len(step_t)
         feeds = {name: tile_per_half(cache[name], steps, cfg) for name in (*self.skip_names, "mid")}
-        feeds["timestep"] = row_timesteps(step_t, images, cfg)
+        feeds["timestep"] = row_values(step_t, images, cfg)
         feeds["encoder_hidden_states"] = tile_per_half(ctx.text, steps, cfg)
         return feeds
 

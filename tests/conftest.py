@@ -30,6 +30,48 @@ def tiny_bundle(original_checkpoint, tmp_path_factory):
     return build_dit_bundle(str(original_checkpoint), str(out), steps=10, num_heads=4, progress=lambda m: None)
 
 
+# --- DyDiT: a random DyDiT-format checkpoint and width bundles (one routed, one calibrated) ----------------------
+
+
+@pytest.fixture(scope="session")
+def dydit_model():
+    """tests/dydit_reference.DyDiTReference: the DiT weights of ``original_dit`` + routers whose masks vary over t."""
+    from dydit_reference import random_dydit
+
+    return random_dydit(0)
+
+
+@pytest.fixture(scope="session")
+def dydit_checkpoint_path(dydit_model, tmp_path_factory):
+    """The official training layout {"model": perturbed weights, "ema": the real ones}."""
+    from dydit_reference import dydit_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "dydit.pt"
+    torch.save(dydit_checkpoint(dydit_model), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dydit_bundle(dydit_checkpoint_path, tmp_path_factory):
+    """Router widths (the default for a DyDiT checkpoint) with gathered token selection. 5 steps have 3 distinct
+    masks; --max-profiles 2 gives each stage one exact narrowed engine and one merged (masked) engine."""
+    from keystep.export.build import build_dit_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "dydit"
+    return build_dit_bundle(str(dydit_checkpoint_path), str(out), steps=5, max_profiles=2, token_skip="gather",
+                            progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle(original_checkpoint, tmp_path_factory):
+    """Training-free widths at half the blocks' FLOPs for the plain DiT: one (merged) engine per stage."""
+    from keystep.export.build import build_dit_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "calibrated"
+    return build_dit_bundle(str(original_checkpoint), str(out), steps=5, num_heads=4, width="calibrated:0.5",
+                            max_profiles=1, progress=lambda m: None)
+
+
 @pytest.fixture(scope="session")
 def dit_pipeline_dir(tmp_path_factory):
     """A diffusers DiTPipeline directory: random transformer (1000 classes, since DiTPipeline hard-codes null

@@ -106,3 +106,39 @@ def test_export_failure_midway_removes_the_temp_dir(original_checkpoint, tmp_pat
     with pytest.raises(RuntimeError, match="disk full"):
         build_dit_bundle(str(original_checkpoint), str(tmp_path / "b"), num_heads=4, progress=lambda m: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_width_build_inspect_generate_and_profile(original_checkpoint, tmp_path, capsys):
+    """--width calibrated on a plain DiT end to end from the CLI; the profiles show in inspect and profile."""
+    out = tmp_path / "calibrated"
+    assert main(["build", str(original_checkpoint), "--out", str(out), "--num-heads", "4", "--steps", "4",
+                 "--width", "calibrated:0.6", "--max-profiles", "1"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    width = info["width"]
+    assert width["spec"] == "calibrated:0.6" and width["token_selection"] == "none" and not width["approximation"]
+    assert [e["name"] for e in width["engines"]] == ["encoder.w0", "decoder.w0"]
+    assert [e["steps"] for e in width["engines"]] == [[0, 1, 2, 3]] * 2  # one engine per stage serves every step
+    assert all(0 < s["block_flops_fraction"] <= 0.6 for s in width["steps"])
+    assert {c["stage"] for c in info["plan"]["calls"]} == {"encoder.w0", "decoder.w0"}
+    assert main(["inspect", str(out)]) == 0
+    assert "profile" in capsys.readouterr().out
+    assert main(["generate", str(out), "--class", "3", "--save-latents", str(tmp_path / "z.npy")]) == 0
+    assert np.isfinite(np.load(tmp_path / "z.npy")).all()
+    capsys.readouterr()
+    assert main(["profile", str(out), "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["width"]["spec"] == "calibrated:0.6"
+    assert [p["stages"]["decoder"]["calls_per_run"] for p in profile["plans"]] == [4, 4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--width", "calibrated:1.5"], "bad --width"),
+    (["--width", "dydit"], "needs a DyDiT checkpoint"),
+    (["--width", "calibrated:0.5", "--max-profiles", "0"], "--max-profiles must be at least 1"),
+])
+def test_bad_width_options(original_checkpoint, tmp_path, args, message):
+    code, _, err = run_cli("build", original_checkpoint, "--out", tmp_path / "b", "--num-heads", "4", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dit_reference import make_diffusers_dit
+from dydit_reference import dydit_checkpoint, random_dydit
 from keystep.export.bundle_writer import export_stage
 from keystep.export.dit_export import dit_stages
 from keystep.export.dit_loaders import load_dit
@@ -31,14 +32,14 @@ def test_original_checkpoint_loader_matches_original_dit(original_dit, original_
         torch.testing.assert_close(loaded.model(x, t, y), original_dit(x, t, y), rtol=1e-5, atol=1e-5)
 
 
-def test_heads_are_inferred_from_dydit_routers_or_given(original_dit, original_checkpoint, tmp_path):
+def test_heads_are_inferred_from_dydit_routers_or_given(original_checkpoint, tmp_path):
     # TINY_CFG has 4 heads of 16 dims: the original format cannot tell, so --num-heads must say it
     assert load_dit(original_checkpoint, num_heads=4).model.config.num_heads == 4
-    sd = dict(original_dit.state_dict())
-    sd["blocks.0.attn_rate.router.weight"] = torch.zeros(3, 64)  # DyDiT: num_heads - 1 router outputs
-    path = tmp_path / "dydit.pt"
-    torch.save({"ema": sd, "model": {}}, path)
-    assert load_dit(path).model.config.num_heads == 4
+    # DyDiT checkpoints do tell: every router has num_heads - 1 outputs (hidden 64 alone would suggest 1 head)
+    for heads in (4, 2):
+        path = tmp_path / f"dydit{heads}.pt"
+        torch.save(dydit_checkpoint(random_dydit(0, num_heads=heads)), path)
+        assert load_dit(path).model.config.num_heads == heads
 
 
 def test_diffusers_loader_matches_diffusers_model(original_dit, tmp_path):

@@ -72,3 +72,21 @@ def test_max_decoder_batch_splits_groups_and_sequential_runs_one_step_per_call()
 def test_baseline_calls_are_full_model_every_step():
     calls = build_calls(parse_key_steps("all", 3), images=1, cfg=True)
     assert calls == [StageCall("full", (i,), 2) for i in range(3)]
+
+
+def test_batched_decoder_calls_split_where_the_width_engine_changes():
+    plan = parse_key_steps("0,4", 7)
+    engines = {"encoder": ["encoder.w1"] * 4 + ["encoder.w0"] * 3,
+               "decoder": ["decoder.w0", "decoder.w0", "decoder.w1", "decoder.w0", "decoder.w1", "decoder.w1",
+                           "decoder.w1"]}
+    calls = build_calls(plan, images=1, cfg=True, engines=engines, max_decoder_batch=4)
+    assert calls == [
+        StageCall("encoder", (0,), 2, "encoder.w1"),
+        StageCall("decoder", (0, 1), 4, "decoder.w0"),
+        StageCall("decoder", (2,), 2, "decoder.w1"),
+        StageCall("decoder", (3,), 2, "decoder.w0"),
+        StageCall("encoder", (4,), 2, "encoder.w0"),
+        StageCall("decoder", (4, 5), 4, "decoder.w1"),  # max_decoder_batch still caps a same-engine run
+        StageCall("decoder", (6,), 2, "decoder.w1"),
+    ]
+    assert [c.runner for c in build_calls(plan, 1, False)] == ["encoder", "decoder", "encoder", "decoder"]

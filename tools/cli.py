@@ -84,6 +84,8 @@ def cmd_build(args) -> int:
     except ImportError as exc:
         raise SystemExit(f"keystep build needs the export extra (pip install 'keystep[export]'): {exc}") from exc
     options = {} if args.guidance is None else {"guidance": args.guidance}
+    width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip}
+    options.update({k: v for k, v in width.items() if v is not None})
     out = build_bundle(
         args.model,
         args.out,
@@ -172,7 +174,23 @@ def cmd_profile(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.dir, steps=args.steps)
+    return run_demo(args.dir, steps=args.steps, samples=args.samples)
+
+
+def cmd_models(args) -> int:
+    from keystep.models import SHIPPED
+
+    print(f"{'name':<18} {'size':>9}  what")
+    for m in SHIPPED.values():
+        size = f"{m.path.stat().st_size / 1e6:.2f} MB" if m.available else "missing"
+        print(f"{m.name:<18} {size:>9}  {m.description}")
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from .quality import run_quality_command
+
+    return run_quality_command(args, Bundle.load(args.bundle), backend_from_args(args))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -190,6 +208,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="default guidance scale (DiT 4.0, UNet 7.5)")
     p.add_argument("--controlnet", help="a diffusers ControlNetModel directory (UNet models)")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
+    p.add_argument("--width", help="width profiles: none (dense), dydit (the checkpoint's routers; the default for "
+                   "DyDiT checkpoints) or calibrated:L (training-free, keep L of the blocks' FLOPs)")
+    p.add_argument("--max-profiles", type=int, help="most engines per stage; more distinct masks are merged "
+                   "into masked engines that add the fewest FLOPs (default 8)")
+    p.add_argument("--token-skip", nargs="?", const="gather", choices=["gather", "dense"],
+                   help="DyDiT token selection (on by default): gather = MLP on selected tokens only, "
+                   "dense = 0/1 masking")
+    p.add_argument("--no-token-skip", dest="token_skip", action="store_const", const="off",
+                   help="drop the token routers (an approximation of a DyDiT checkpoint)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="sample images from a bundle")
@@ -226,10 +253,21 @@ def make_parser() -> argparse.ArgumentParser:
     add_plan_arguments(p)
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("demo", help="build a DiT bundle and compare the baseline and key-step plans")
-    p.add_argument("--dir", default="keystep-demo", help="where the demo bundle and outputs go")
+    p = sub.add_parser("demo", help="the shipped digits models: every plan's speed and quality side by side")
+    p.add_argument("--dir", default="keystep-demo", help="where the bundles (cached) and outputs go")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--samples", type=int, default=200, help="samples per plan")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list the shipped models (usable wherever a model path is accepted)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("quality", help="class accuracy, digits-FD and PSNR vs baseline of a digits bundle's plans")
+    from .quality import add_quality_arguments
+
+    add_quality_arguments(p)
+    add_backend_arguments(p)
+    p.set_defaults(func=cmd_quality)
     return parser
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from keystep.runtime.bundle import Bundle
-from keystep.runtime.plan import build_calls, parse_key_steps, plan_flops
-from keystep.runtime.sampler import scheduler_for
+from keystep.runtime.plan import plan_flops
+from keystep.runtime.sampler import prepare_run
 
 
 def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
@@ -25,13 +25,13 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
         return bundle.stage(stage).flops(batch)
 
     cfg = options.guidance > 1
-    _, timesteps = scheduler_for(bundle, options)
-    plan = parse_key_steps(options.key_steps, len(timesteps), bundle.family)
+    full = "full" in bundle.stages
     # without a backend to ask, show CPU's default (one decoder call per step) unless --parallel is given
-    calls = build_calls(plan, images, cfg, bool(options.parallel), options.max_decoder_batch)
-    baseline = build_calls(replace(plan, baseline=True), images, cfg)
+    prepared = prepare_run(bundle, options, images, bool(options.parallel), full)
+    plan, calls = prepared.plan, prepared.calls
+    baseline = prepare_run(bundle, replace(options, key_steps="all"), images, False, full).calls
     total, base_total = plan_flops(calls, flops), plan_flops(baseline, flops)
-    return {
+    description = {
         "bundle": str(bundle.root),
         "family": bundle.family,
         "source": bundle.manifest.get("source"),
@@ -47,13 +47,45 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
             "cfg": cfg,
             "key_steps": list(plan.key_steps),
             "calls": [
-                {"stage": c.stage, "steps": list(c.steps), "batch": c.batch, "flops": flops(c.stage, c.batch)}
+                {"stage": c.runner, "steps": list(c.steps), "batch": c.batch, "flops": flops(c.runner, c.batch)}
                 for c in calls
             ],
             "flops": total,
             "baseline_flops": base_total,
             "flop_ratio": (total / base_total) if total and base_total else None,
         },
+    }
+    if bundle.width is not None:
+        description["width"] = describe_width(bundle, prepared)
+    return description
+
+
+def describe_width(bundle: Bundle, prepared) -> dict:
+    """Profiles, the steps each serves in this run, and per-step block FLOPs (DyDiT's accounting) vs dense."""
+    section, width = bundle.manifest["width"], bundle.width
+    unit = section["unit_flops"]
+    cfg = bundle.model_config
+    dense = cfg["depth"] * cfg["num_heads"] * (unit["head"] + unit["group_per_token"] * unit["tokens"])
+    masks = prepared.step_masks
+    block_flops = (masks[..., 0, :].sum((-1, -2)) * unit["head"]
+                   + masks[..., 1, :].sum((-1, -2)) * unit["group_per_token"] * unit["tokens"])
+    assigned = width.assign(prepared.timesteps)
+    engines = []
+    for engine in width.engines:
+        steps = [i for i, e in enumerate(assigned[engine.stage]) if e.name == engine.name]
+        engines.append({"name": engine.name, "masked": engine.masked, "steps": steps,
+                        "gflops_per_sample": bundle.stage(engine.name).flops(1) / 1e9})
+    return {
+        "spec": section["spec"],
+        "token_selection": section["token_selection"],
+        "approximation": section["approximation"],
+        "engines": engines,
+        "steps": [
+            {"step": i, "timestep": float(t), "encoder": assigned["encoder"][i].name,
+             "decoder": assigned["decoder"][i].name, "block_flops_fraction": float(f / dense)}
+            for i, (t, f) in enumerate(zip(prepared.timesteps, block_flops))
+        ],
+        "block_flops_fraction": float(block_flops.mean() / dense),
     }
 
 
@@ -80,13 +112,37 @@ def format_description(d: dict) -> str:
     kind = "baseline (full model every step)" if p["baseline"] else f"key steps {p['key_steps']}"
     lines.append(f"plan    {p['spec']}: {p['num_steps']} steps, {p['images']} image(s), CFG {'on' if p['cfg'] else 'off'}")
     lines.append(f"        {kind}")
-    lines.append(f"  {'#':>3}  {'stage':<8} {'steps':<10} {'batch':>5}  {'GFLOP':>9}")
+    lines.append(f"  {'#':>3}  {'stage':<12} {'steps':<10} {'batch':>5}  {'GFLOP':>9}")
     for i, c in enumerate(p["calls"]):
         gf = "?" if c["flops"] is None else f"{c['flops'] / 1e9:.3f}"
-        lines.append(f"  {i:>3}  {c['stage']:<8} {_steps(c['steps']):<10} {c['batch']:>5}  {gf:>9}")
+        lines.append(f"  {i:>3}  {c['stage']:<12} {_steps(c['steps']):<10} {c['batch']:>5}  {gf:>9}")
     if p["flops"] is not None:
         lines.append(
             f"total   {p['flops'] / 1e9:.2f} GFLOP vs baseline {p['baseline_flops'] / 1e9:.2f} GFLOP "
             f"(ratio {p['flop_ratio']:.3f}, bound {1 / p['flop_ratio']:.2f}x)"
         )
+    if "width" in d:
+        lines += format_width(d["width"])
     return "\n".join(lines)
+
+
+TOKEN_SELECTION = {
+    "gather": "on (MLP on selected tokens only; FLOPs above count every token, an upper bound)",
+    "dense": "on (dense 0/1 token masking: every token computes its MLP)",
+    "off": "OFF: the checkpoint's token routers are dropped -- an APPROXIMATION of the model",
+    "none": "none (the model has no token routers)",
+}
+
+
+def format_width(w: dict) -> list[str]:
+    lines = [f"width   {w['spec']}: blocks at {w['block_flops_fraction']:.3f} of dense FLOPs (DyDiT accounting, "
+             f"mean over steps); token selection {TOKEN_SELECTION[w['token_selection']]}",
+             f"  {'profile':<12} {'kind':<7} {'GFLOP/sample':>12}  steps"]
+    for e in w["engines"]:
+        kind = "merged" if e["masked"] else "exact"
+        lines.append(f"  {e['name']:<12} {kind:<7} {e['gflops_per_sample']:>12.3f}  {e['steps'] or '-'}")
+    lines.append(f"  {'step':>4} {'t':>7}  {'encoder':<12} {'decoder':<12} {'blocks vs dense':>15}")
+    for s in w["steps"]:
+        lines.append(f"  {s['step']:>4} {s['timestep']:>7.1f}  {s['encoder']:<12} {s['decoder']:<12} "
+                     f"{s['block_flops_fraction']:>15.3f}")
+    return lines

@@ -38,6 +38,11 @@ from .bench_common import cpu_name
 STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "vae_decoder", "host")
 PLAN_STAGES = ("encoder", "decoder", "full")  # the ones inside run_plan's call list
 SPATIAL_STAGES = ("encoder", "decoder", "full", "controlnet", "vae_decoder")  # FLOPs scale with the image area
+
+
+def stage_kind(name: str) -> str:
+    """A width engine ("decoder.w2") counts as its stage ("decoder")."""
+    return name.split(".", 1)[0]
 STAGE_COLOURS = {
     "text_encoder": "#8c564b", "encoder": "#1f77b4", "controlnet": "#9467bd", "decoder": "#ff7f0e",
     "full": "#2ca02c", "vae_decoder": "#e377c2", "host": "#7f7f7f",
@@ -251,22 +256,23 @@ def profile_bundle(
     flops_note = settings.pop("flops_note", None)
     entries = resolve_plans(sampler, options, plans, both_decoder_modes, images)
 
-    def stage_flops(stage: str, batch: int) -> float | None:
-        flops = bundle.stage(stage).flops(batch)
+    def stage_flops(stage: str, batch: int, mlp_tokens=()) -> float | None:
+        """FLOPs of one call of bundle stage (or width engine) ``stage``; with token selection, as executed."""
+        flops = bundle.stage(stage).actual_flops(batch, mlp_tokens)
         if flops is None:
             return None
-        return flops * (flops_scale if stage in SPATIAL_STAGES else 1.0)
+        return flops * (flops_scale if stage_kind(stage) in SPATIAL_STAGES else 1.0)
 
     # load every session before timing (the runtime loads lazily, inside the first call)
     needed = {"text_encoder"} if bundle.family == "unet" else set()
     for entry in entries:
-        needed |= {c.stage for c in sampler.prepare(entry.options, images).calls}
+        needed |= {c.runner for c in sampler.prepare(entry.options, images).calls}
     if settings.get("control"):  # the baseline runs encoder + decoder every step; the full graph is never used
         needed = (needed - {"full"}) | {"controlnet", "encoder", "decoder"}
     if "vae_decoder" in bundle.stages:
         needed.add("vae_decoder")
     load_seconds = {}
-    for stage in [s for s in STAGE_ORDER if s in needed]:
+    for stage in sorted(needed, key=lambda name: (STAGE_ORDER.index(stage_kind(name)), name)):
         t0 = time.perf_counter()
         sampler.runner(stage)
         load_seconds[stage] = time.perf_counter() - t0
@@ -276,11 +282,11 @@ def profile_bundle(
     runs: dict[str, list[dict]] = {e.name: [] for e in entries}
     for round_ in range(warmup + repeats):
         for entry in entries:
-            measured = _run_once(sampler, run, entry.options)
+            measured = _run_once(sampler, run, entry.options, stage_flops)
             if round_ >= warmup:
                 runs[entry.name].append(measured)
 
-    plans_out = [_summarise(entry, runs[entry.name], images, stage_flops, peak) for entry in entries]
+    plans_out = [_summarise(entry, runs[entry.name], images, peak) for entry in entries]
     base = plans_out[0]
     for p in plans_out:
         p["speedup"] = base["seconds_per_image"] / p["seconds_per_image"]
@@ -303,6 +309,8 @@ def profile_bundle(
             "both_decoder_modes": both_decoder_modes,
         },
         "flops_note": flops_note,
+        "width": {k: bundle.manifest["width"][k] for k in ("spec", "token_selection", "approximation")}
+        if bundle.width is not None else None,
         "load_seconds": load_seconds,
         "peak": peak,
         "baseline": base["name"],
@@ -357,28 +365,30 @@ def _workload(sampler, bundle, class_labels, prompts, negative_prompt, height, w
     return run, {"images": len(labels), "class_labels": labels}, 1.0
 
 
-def _run_once(sampler, run, options) -> dict:
+def _run_once(sampler, run, options, stage_flops) -> dict:
     sampler.events.clear()
     t0 = time.perf_counter()
     result, _ = run(options)
     total = time.perf_counter() - t0
     events = list(sampler.events)
     calls = result.prepared.calls
-    plan_events = [e for e in events if e.stage in PLAN_STAGES]
-    if [e.stage for e in plan_events] != [c.stage for c in calls]:  # cannot happen unless the runtime changes
+    plan_events = [e for e in events if stage_kind(e.stage) in PLAN_STAGES]
+    if [e.stage for e in plan_events] != [c.runner for c in calls]:  # cannot happen unless the runtime changes
         raise RuntimeError("profile: the stage calls seen do not match the plan's call list")
     loop_start = plan_events[0].start if plan_events else t0
     loop_end = plan_events[-1].start + plan_events[-1].seconds if plan_events else t0
-    timeline, by_call = [], iter(zip(calls, result.call_seconds))
+    timeline, by_call = [], iter(zip(calls, result.call_seconds, result.mlp_tokens))
     for e in events:
-        if e.stage in PLAN_STAGES:
-            call, seconds = next(by_call)
-            timeline.append({"stage": call.stage, "steps": list(call.steps), "batch": call.batch,
-                             "start": e.start - t0, "seconds": seconds})
+        if stage_kind(e.stage) in PLAN_STAGES:
+            call, seconds, tokens = next(by_call)
+            timeline.append({"stage": call.stage, "engine": call.runner, "steps": list(call.steps), "batch": call.batch,
+                             "start": e.start - t0, "seconds": seconds,
+                             "flops": stage_flops(call.runner, call.batch, tokens)})
         else:
             timeline.append({"stage": e.stage, "steps": None, "batch": e.batch, "start": e.start - t0,
-                             "seconds": e.seconds})
-    in_loop_other = sum(e.seconds for e in events if e.stage not in PLAN_STAGES and loop_start <= e.start <= loop_end)
+                             "seconds": e.seconds, "flops": stage_flops(e.stage, e.batch)})
+    in_loop_other = sum(e.seconds for e in events
+                        if stage_kind(e.stage) not in PLAN_STAGES and loop_start <= e.start <= loop_end)
     stage_seconds = sum(item["seconds"] for item in timeline)
     return {
         "total": total,
@@ -395,7 +405,7 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _summarise(entry: PlanEntry, runs: list[dict], images: int, stage_flops, peak: dict) -> dict:
+def _summarise(entry: PlanEntry, runs: list[dict], images: int, peak: dict) -> dict:
     first = runs[0]["timeline"]
     stages = {}
     for stage in [s for s in STAGE_ORDER if any(item["stage"] == s for item in first)]:
@@ -403,13 +413,14 @@ def _summarise(entry: PlanEntry, runs: list[dict], images: int, stage_flops, pea
         calls = per_run_calls[0]
         per_call = [item["seconds"] for run_calls in per_run_calls for item in run_calls]
         per_run = [sum(item["seconds"] for item in run_calls) for run_calls in per_run_calls]
-        flops = [stage_flops(stage, item["batch"]) for item in calls]
+        flops = [item["flops"] for item in calls]
         flops_run = None if any(f is None for f in flops) else float(sum(flops))
         seconds_run = _stats(per_run)
         by_batch = {}
         for batch in sorted({item["batch"] for item in calls}):
             times = [item["seconds"] for run_calls in per_run_calls for item in run_calls if item["batch"] == batch]
-            f = stage_flops(stage, batch)
+            same = [item["flops"] for item in calls if item["batch"] == batch]
+            f = None if any(x is None for x in same) else sum(same) / len(same)  # width engines differ per call
             med = statistics.median(times)
             by_batch[str(batch)] = {
                 "calls_per_run": sum(1 for item in calls if item["batch"] == batch),
@@ -551,7 +562,7 @@ def _summary_rows(d: dict) -> list[list[str]]:
 
 def _plan_title(p: dict) -> str:
     if p["baseline"]:
-        what = "full model every step" if "full" in p["stages"] else "encoder + decoder every step (ControlNet)"
+        what = "full model every step" if "full" in p["stages"] else "encoder + decoder every step"
     else:
         what = f"{len(p['key_steps'])} key steps {p['key_steps']}, decoders {p['decoder_mode']}"
     return f"plan {p['name']}: {p['num_steps']} steps, {what}, {p['calls_per_run']} stage calls per run"
@@ -572,6 +583,11 @@ def _header_lines(d: dict) -> list[str]:
     ]
     if d.get("flops_note"):
         lines.append(f"  note: {d['flops_note']}")
+    if d.get("width"):
+        w = d["width"]
+        lines.append(f"  width profiles {w['spec']}, token selection {w['token_selection']}"
+                     + (" - APPROXIMATION: the checkpoint's token routers are dropped" if w["approximation"] else "")
+                     + "; FLOPs as executed")
     return lines
 
 

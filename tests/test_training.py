@@ -1,0 +1,105 @@
+"""Training helpers: timestep samplers vs the SpeeDiT/SpeeD formulas, smoke runs of every training loop, the metrics."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from keystep.tools.quality import frechet_distance, psnr
+from keystep.tools.timestep_sampling import TimestepSampler, linear_alphas_cumprod
+
+
+def test_speedit_sampler_matches_the_reference_formulas():
+    alphas = linear_alphas_cumprod()
+    sampler = TimestepSampler("speedit", alphas)
+    # written as in SpeeDiT's speed.py (torch.gradient / F.normalize), independently of the implementation
+    sqrt_1m = torch.from_numpy(np.sqrt(1 - alphas))
+    grad = torch.gradient(sqrt_1m)[0]
+    assert sampler.meaningful_steps == int(torch.argmax((grad < 1e-4).int())) + 1 == 642
+    p = F.normalize(torch.tanh(1e6 * (grad - 1e-4)) + 1.5, p=1, dim=0)
+    np.testing.assert_allclose(sampler.speedit_p, p.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(sampler.speedit_weights, 1 / (1 + (1 / (1 - alphas) - 1)), rtol=1e-12)
+    t, w = sampler.sample(9, np.random.default_rng(0))
+    assert len(t) == 9
+    ms = sampler.meaningful_steps
+    mirrored = np.where(t[:5] < ms, ms - t[:5], t[:5] - ms)
+    np.testing.assert_array_equal(t[5:], mirrored[:4])  # draws n//2+1, then their mirrors, cut to n
+    np.testing.assert_allclose(w, 1 - alphas[t], rtol=1e-6)
+    draws, _ = sampler.sample(200_000, np.random.default_rng(1))
+    first = draws[: 200_000 // 2 + 1]
+    assert abs((first < ms).mean() - p[:ms].sum().item()) < 0.01
+
+
+def test_speed_sampler_weights_and_probabilities():
+    alphas = linear_alphas_cumprod()
+    sampler = TimestepSampler("speed", alphas)
+    ratio = sampler.speed_p[0] / sampler.speed_p[999]
+    assert ratio == pytest.approx(5.0)
+    grad = np.gradient(1 - alphas)
+    g = (grad - grad.min()) / (grad.max() - grad.min())
+    expected = np.where(np.arange(1000) < 700, 0.4 + 0.2 * g, 1.0)
+    np.testing.assert_allclose(sampler.speed_weights, expected, rtol=1e-12)
+    t, w = sampler.sample(100_000, np.random.default_rng(0))
+    assert abs((t < 700).mean() - 5 * 700 / (5 * 700 + 300)) < 0.01
+    assert w.min() >= 0.4 - 1e-6 and w.max() <= 1.0
+
+
+def test_uniform_sampler_and_unknown_kind():
+    t, w = TimestepSampler("uniform", linear_alphas_cumprod()).sample(50_000, np.random.default_rng(0))
+    assert 0 <= t.min() and t.max() <= 999 and abs(t.mean() - 499.5) < 10 and np.all(w == 1)
+    with pytest.raises(ValueError, match="unknown timestep sampler"):
+        TimestepSampler("fast", linear_alphas_cumprod())
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    s1, s2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    # commuting covariances (same eigenvectors): tr(C1 + C2 - 2 sqrt(C1 C2)) = sum (sqrt s1 - sqrt s2)^2
+    c1, c2 = rotation @ np.diag(s1) @ rotation.T, rotation @ np.diag(s2) @ rotation.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, c1, mu1, c1) == pytest.approx(0, abs=1e-9)
+
+
+def test_psnr():
+    a = np.zeros((2, 1, 4, 4), np.float32)
+    assert psnr(a, a + 0.2) == pytest.approx(10 * np.log10(4 / 0.04))
+    assert psnr(a, a) == float("inf")
+
+
+def test_training_loops_smoke_and_their_checkpoints_load(tmp_path):
+    """A few iterations of the DiT and DyDiT training loops; what they save loads through the normal loaders."""
+    from keystep.export.dit_loaders import load_dit
+    from keystep.tools.train_dit import train as train_dit
+    from keystep.tools.train_dydit import train as train_dydit
+
+    quiet = lambda m: None  # noqa: E731
+    for sampler in ("uniform", "speedit", "speed"):
+        out = tmp_path / f"dit-{sampler}.safetensors"
+        r = train_dit(out, iters=2, sampler=sampler, batch=8, progress=quiet)
+        assert np.isfinite(r["final_loss"])
+    loaded = load_dit(tmp_path / "dit-uniform.safetensors")
+    assert loaded.source_kind == "original-checkpoint" and loaded.model.config.num_heads == 4  # from the metadata
+    dydit = tmp_path / "dydit.safetensors"
+    r = train_dydit(str(tmp_path / "dit-uniform.safetensors"), 0.5, dydit, iters=2, batch=8, progress=quiet)
+    assert all(np.isfinite(r["final"]))
+    loaded = load_dit(dydit)
+    assert loaded.source_kind == "dydit-checkpoint" and loaded.routers is not None
+    masks = loaded.routers.masks(loaded.model, np.arange(0, 1000, 100))
+    assert masks.all()  # two steps from the all-on initialisation (bias 15) cannot switch anything off
+
+
+def test_original_state_dict_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    from keystep.export.dit_loaders import load_dit, original_state_dict
+    from keystep.export.random_models import random_dit
+
+    model = random_dit("dit-tiny", 3)
+    save_file(original_state_dict(model), str(tmp_path / "m.safetensors"), metadata={"num_heads": "4"})
+    loaded = load_dit(tmp_path / "m.safetensors").model
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 700.0]), torch.tensor([1, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), model(x, t, y))
