@@ -51,7 +51,7 @@ def build_dit_bundle(
     scheduler: str | None = None,
     scheduler_config: str | None = None,
     steps: int = 50,
-    key_steps: str = "default",
+    key_steps: str | None = None,
     guidance: float | None = None,
     num_heads: int | None = None,
     width: str | None = None,
@@ -61,8 +61,10 @@ def build_dit_bundle(
 ) -> Path:
     loaded = load_dit(model, num_heads=num_heads)
     cfg = loaded.model.config
-    entry = shipped(model)
-    guidance = guidance if guidance is not None else (entry.default_plan.get("guidance", 4.0) if entry else 4.0)
+    # a shipped model's tuned default plan (docs/models.md), unless the caller says otherwise
+    tuned = shipped(model).default_plan if shipped(model) else {}
+    guidance = guidance if guidance is not None else tuned.get("guidance", 4.0)
+    key_steps = key_steps or tuned.get("key_steps", "default")
     split = cfg.default_split if split is None else split
     parse_key_steps(key_steps, steps, "dit")  # fail early on a plan that does not fit
     sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
@@ -78,7 +80,7 @@ def build_dit_bundle(
         "model_config": cfg.to_dict(),
         "split": split,
         "source": {"kind": loaded.source_kind,
-                   "path": model if loaded.source_kind == "random" or entry else str(Path(model).resolve())},
+                   "path": model if loaded.source_kind == "random" or tuned else str(Path(model).resolve())},
         "labels": {str(k): v for k, v in sorted(loaded.labels.items())},
         "scheduler": sched,
         "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **DIT_NOISE_INJECTION},
@@ -100,7 +102,7 @@ def build_unet_bundle(
     scheduler: str | None = None,
     scheduler_config: str | None = None,
     steps: int = 50,
-    key_steps: str = "default",
+    key_steps: str | None = None,
     guidance: float = 7.5,
     progress=print,
 ) -> Path:
@@ -108,6 +110,7 @@ def build_unet_bundle(
 
     loaded = load_sd_pipeline_dir(model)
     control = load_controlnet(controlnet) if controlnet else None
+    key_steps = key_steps or "default"
     parse_key_steps(key_steps, steps, "unet")
     sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
     fields = {

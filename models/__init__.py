@@ -39,17 +39,17 @@ SHIPPED = {
         ShippedModel(
             "digits-dit", "digits-dit.safetensors",
             "class-conditional pixel-space DiT (16x16x1, patch 4, hidden 128, 6 blocks, 4 heads) trained on sklearn digits",
-            default_plan={"steps": 50, "key_steps": "default", "guidance": 2.0},
+            default_plan={"steps": 50, "key_steps": "uniform:6", "guidance": 2.0},
         ),
         ShippedModel(
             "digits-dydit-0.5", "digits-dydit-0.5.safetensors",
             "DyDiT fine-tune of digits-dit at lambda = 0.5 (official DyDiT checkpoint layout: width + token routers)",
-            default_plan={"steps": 50, "key_steps": "default", "guidance": 2.0},
+            default_plan={"steps": 50, "key_steps": "uniform:6", "guidance": 2.0},
         ),
         ShippedModel(
             "digits-dydit-0.7", "digits-dydit-0.7.safetensors",
             "DyDiT fine-tune of digits-dit at lambda = 0.7 (official DyDiT checkpoint layout: width + token routers)",
-            default_plan={"steps": 50, "key_steps": "default", "guidance": 2.0},
+            default_plan={"steps": 50, "key_steps": "uniform:6", "guidance": 2.0},
         ),
     ]
 }

@@ -103,3 +103,33 @@ def test_original_state_dict_round_trip(tmp_path):
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 700.0]), torch.tensor([1, 10])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, y), model(x, t, y))
+
+
+def test_shipped_models_are_listed_and_load_by_name(capsys):
+    from keystep.export.dit_loaders import load_dit
+    from keystep.models import SHIPPED
+    from keystep.tools.cli import main
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name, model in SHIPPED.items():
+        assert model.available, f"{model.path} is not in the repository"
+        assert name in listing and "missing" not in listing
+    dit, dydit = load_dit("digits-dit"), load_dit("digits-dydit-0.5")
+    assert dit.source_kind == "original-checkpoint" and dit.model.config.num_heads == 4
+    assert dydit.source_kind == "dydit-checkpoint" and dydit.scheduler_config["_class_name"] == "DDIMScheduler"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """The README's main command on the shipped models, small: every row present, the dense baseline good."""
+    import json
+
+    from keystep.tools.cli import main
+
+    assert main(["demo", "--dir", str(tmp_path), "--steps", "20", "--samples", "100"]) == 0
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["plan"] for r in rows] == ["baseline", "key-step", "DyDiT 0.5 profiles", "DyDiT 0.5 + key-step"]
+    assert rows[0]["accuracy"] >= 0.85 and all(r["speedup"] > 1 for r in rows[1:])
+    assert (tmp_path / "demo.md").is_file() and (tmp_path / "demo-plot.png").is_file()
+    assert len(list(tmp_path.glob("*.png"))) == 5

@@ -204,7 +204,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler class stored in the bundle")
     p.add_argument("--scheduler-config", help="a diffusers scheduler_config.json (class and fields honoured)")
     p.add_argument("--steps", type=int, default=50, help="default number of steps")
-    p.add_argument("--key-steps", default="default", help="default key-step plan")
+    p.add_argument("--key-steps", help="default key-step plan (default: 'default', or a shipped model's tuned plan)")
     p.add_argument("--guidance", type=float, help="default guidance scale (DiT 4.0, UNet 7.5)")
     p.add_argument("--controlnet", help="a diffusers ControlNetModel directory (UNet models)")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")

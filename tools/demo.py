@@ -14,12 +14,12 @@ from keystep.runtime.bundle import MANIFEST_NAME, Bundle
 from keystep.runtime.dit_sampler import DiTSampler
 from keystep.runtime.sampler import SamplingOptions
 
-# plan row -> (shipped model, key-step spec)
+# plan row -> (shipped model, key-step spec; None = the model's tuned default plan)
 DEMO_PLANS = {
     "baseline": ("digits-dit", "all"),
-    "key-step": ("digits-dit", "default"),
+    "key-step": ("digits-dit", None),
     "DyDiT 0.5 profiles": ("digits-dydit-0.5", "all"),
-    "DyDiT 0.5 + key-step": ("digits-dydit-0.5", "default"),
+    "DyDiT 0.5 + key-step": ("digits-dydit-0.5", None),
 }
 
 
@@ -75,6 +75,7 @@ def run_demo(out_dir: str = "keystep-demo", steps: int = 50, samples: int = 200,
     for name, (model, spec) in plans.items():
         sampler = samplers[model]
         options = SamplingOptions.from_bundle(sampler.bundle, key_steps=spec)
+        spec = options.key_steps
         sampler.sample([0], options, seed=seed)  # warm-up: session creation
         images, seconds, flops = generate(sampler, options, labels, seed, progress=lambda done: _progress(name, done, samples))
         baseline = images if baseline is None else baseline

@@ -120,14 +120,15 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run_quality_command(args, bundle: Bundle, backend) -> int:
-    rows = evaluate(bundle, backend, args.plan or ["default"], args.samples, args.seed)
+    rows = evaluate(bundle, backend, args.plan or [bundle.default_plan["key_steps"]], args.samples, args.seed)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
 
 
 def add_quality_arguments(p) -> None:
     p.add_argument("bundle")
-    p.add_argument("--plan", action="append", help="key-step spec to compare with the baseline (repeatable)")
+    p.add_argument("--plan", action="append",
+                   help="key-step spec to compare with the baseline (repeatable; default: the bundle's default plan)")
     p.add_argument("--samples", type=int, default=1000, help="samples per plan (classes cycle 0..9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
