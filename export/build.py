@@ -62,7 +62,8 @@ def build_dit_bundle(
     loaded = load_dit(model, num_heads=num_heads)
     cfg = loaded.model.config
     # a shipped model's tuned default plan (docs/models.md), unless the caller says otherwise
-    tuned = shipped(model).default_plan if shipped(model) else {}
+    entry = shipped(model)
+    tuned = entry.default_plan if entry else {}
     guidance = guidance if guidance is not None else tuned.get("guidance", 4.0)
     key_steps = key_steps or tuned.get("key_steps", "default")
     split = cfg.default_split if split is None else split
@@ -80,7 +81,7 @@ def build_dit_bundle(
         "model_config": cfg.to_dict(),
         "split": split,
         "source": {"kind": loaded.source_kind,
-                   "path": model if loaded.source_kind == "random" or tuned else str(Path(model).resolve())},
+                   "path": model if loaded.source_kind == "random" or entry else str(Path(model).resolve())},
         "labels": {str(k): v for k, v in sorted(loaded.labels.items())},
         "scheduler": sched,
         "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **DIT_NOISE_INJECTION},

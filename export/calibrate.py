@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from keystep.runtime.schedulers import make_scheduler
 
 from .dit_model import DiT
-from .width_profiles import UnitFlops
+from keystep.runtime.width import UnitFlops
 
 
 class _UnitScores:

@@ -12,7 +12,9 @@ from keystep.runtime.schedulers import make_scheduler
 from keystep.runtime.width import WidthEngine
 
 from .errors import ModelLoadError
-from .width_profiles import UnitFlops, width_engines
+from keystep.runtime.width import UnitFlops
+
+from .width_profiles import width_engines
 
 TOKEN_MODES = ("gather", "dense", "off")
 
@@ -81,7 +83,6 @@ class WidthPlan:
             # dropping a checkpoint's token routers changes what it computes; say so wherever it is shown
             "approximation": self.token_mode == "off",
             "masks": "width/masks.npy",
-            "unit_flops": {"head": self.flops.head, "group_per_token": self.flops.group_per_token,
-                           "tokens": self.flops.tokens},
+            "unit_flops": self.flops.to_manifest(),
             "engines": [e.to_manifest() for e in self.engines],
         }

@@ -13,39 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keystep.runtime.width import WIDTH_STAGES, WidthEngine
-
-from .dit_model import DiTConfig
+from keystep.runtime.width import WIDTH_STAGES, UnitFlops, WidthEngine
 
 # Steps the default plan does not run a stage at still need an engine (another plan may); they weigh this little.
 UNUSED_STEP_WEIGHT = 1e-3
-
-
-@dataclass(frozen=True)
-class UnitFlops:
-    """DyDiT's cost model, per image: a block's attention costs ``head`` per active head, its MLP ``group`` per
-    active group and token (in FLOPs = 2 x MACs; embeddings, adaLN and the final layer are not counted)."""
-
-    head: int
-    group_per_token: int
-    tokens: int
-
-    @classmethod
-    def of(cls, cfg: DiTConfig) -> "UnitFlops":
-        t, d, h = cfg.num_tokens, cfg.hidden_size, cfg.num_heads
-        hd, gs = d // h, cfg.mlp_hidden // h
-        # qkv (T·D·3hd) + scores (T·T·hd) + attn·v (T·T·hd) + proj (T·hd·D), per head
-        head = 2 * (t * d * 3 * hd + 2 * t * t * hd + t * hd * d)
-        return cls(head=head, group_per_token=2 * 2 * d * gs, tokens=t)
-
-    def of_masks(self, masks: np.ndarray, token_fraction: float | np.ndarray = 1.0) -> np.ndarray:
-        """FLOPs of (..., blocks, 2, heads) masks summed over blocks; ``token_fraction`` per block or scalar."""
-        heads = masks[..., 0, :].sum(-1)
-        groups = masks[..., 1, :].sum(-1)
-        return (heads * self.head + groups * self.group_per_token * self.tokens * token_fraction).sum(-1)
-
-    def dense(self, cfg: DiTConfig) -> int:
-        return int(cfg.depth * cfg.num_heads * (self.head + self.group_per_token * self.tokens))
 
 
 @dataclass

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from .width import WidthEngine, WidthTable
 
@@ -78,7 +81,7 @@ class StageSpec:
         tokens_per_block = batch * self._tokens
         return full - sum((tokens_per_block - int(n)) * f for n, f in zip(mlp_tokens, self.token_mlp_flops))
 
-    @property
+    @cached_property
     def _tokens(self) -> int:
         hidden = next(s for s in self.inputs + self.outputs if s.name == "hidden")
         return hidden.shape[1]
@@ -150,8 +153,6 @@ class Bundle:
 
 
 def load_width_table(bundle: Bundle, section: dict) -> WidthTable:
-    import numpy as np
-
     path = bundle.root / section["masks"]
     try:
         masks = np.load(path, allow_pickle=False)

@@ -146,7 +146,7 @@ class PlanSampler:
         width = self.bundle.width
         if width is None:
             return {}
-        engine = next(e for e in width.engines if e.name == call.runner)
+        engine = width.by_name[call.runner]
         if not engine.masked:
             return {}
         blocks = width.blocks(engine.stage)

@@ -19,6 +19,37 @@ WIDTH_STAGES = ("encoder", "decoder")
 
 
 @dataclass(frozen=True)
+class UnitFlops:
+    """DyDiT's cost model, per image: a block's attention costs ``head`` per active head, its MLP ``group`` per
+    active group and token (in FLOPs = 2 x MACs; embeddings, adaLN and the final layer are not counted)."""
+
+    head: int
+    group_per_token: int
+    tokens: int
+
+    @classmethod
+    def of(cls, cfg) -> "UnitFlops":
+        """From a DiTConfig (or anything with its fields)."""
+        t, d, h = cfg.num_tokens, cfg.hidden_size, cfg.num_heads
+        hd, gs = d // h, cfg.mlp_hidden // h
+        # qkv (T·D·3hd) + scores (T·T·hd) + attn·v (T·T·hd) + proj (T·hd·D), per head
+        head = 2 * (t * d * 3 * hd + 2 * t * t * hd + t * hd * d)
+        return cls(head=head, group_per_token=2 * 2 * d * gs, tokens=t)
+
+    def of_masks(self, masks: np.ndarray, token_fraction: float | np.ndarray = 1.0) -> np.ndarray:
+        """FLOPs of (..., blocks, 2, heads) masks summed over blocks; ``token_fraction`` per block or scalar."""
+        heads = masks[..., 0, :].sum(-1)
+        groups = masks[..., 1, :].sum(-1)
+        return (heads * self.head + groups * self.group_per_token * self.tokens * token_fraction).sum(-1)
+
+    def dense(self, depth: int, heads: int) -> int:
+        return int(depth * heads * (self.head + self.group_per_token * self.tokens))
+
+    def to_manifest(self) -> dict:
+        return {"head": self.head, "group_per_token": self.group_per_token, "tokens": self.tokens}
+
+
+@dataclass(frozen=True)
 class WidthEngine:
     name: str  # the bundle stage name, e.g. "decoder.w2"
     stage: str  # "encoder" | "decoder"
@@ -60,6 +91,7 @@ class WidthTable:
         self.split = split
         self.engines = engines
         self.flops = flops  # engine name -> FLOPs per image (picks the cheapest covering engine)
+        self.by_name = {e.name: e for e in engines}
 
     def blocks(self, stage: str) -> slice:
         return slice(0, self.split) if stage == "encoder" else slice(self.split, self.masks.shape[1])

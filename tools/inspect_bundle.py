@@ -7,6 +7,7 @@ from dataclasses import replace
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.plan import plan_flops
 from keystep.runtime.sampler import prepare_run
+from keystep.runtime.width import UnitFlops
 
 
 def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
@@ -63,12 +64,9 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
 def describe_width(bundle: Bundle, prepared) -> dict:
     """Profiles, the steps each serves in this run, and per-step block FLOPs (DyDiT's accounting) vs dense."""
     section, width = bundle.manifest["width"], bundle.width
-    unit = section["unit_flops"]
-    cfg = bundle.model_config
-    dense = cfg["depth"] * cfg["num_heads"] * (unit["head"] + unit["group_per_token"] * unit["tokens"])
-    masks = prepared.step_masks
-    block_flops = (masks[..., 0, :].sum((-1, -2)) * unit["head"]
-                   + masks[..., 1, :].sum((-1, -2)) * unit["group_per_token"] * unit["tokens"])
+    unit = UnitFlops(**section["unit_flops"])
+    dense = unit.dense(bundle.model_config["depth"], bundle.model_config["num_heads"])
+    block_flops = unit.of_masks(prepared.step_masks)
     assigned = width.assign(prepared.timesteps)
     engines = []
     for engine in width.engines:

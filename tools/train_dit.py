@@ -42,16 +42,20 @@ def new_digits_dit(seed: int):
     return model
 
 
-def save_dit(model, path: Path, extra_metadata: dict | None = None) -> None:
+def save_checkpoint(state: dict, path: Path, metadata: dict) -> None:
+    """safetensors written to a temp name, then renamed: never a half-written model file."""
     from safetensors.torch import save_file
-
-    from keystep.export.dit_loaders import original_state_dict
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(original_state_dict(model), str(tmp),
-              metadata={"num_heads": str(model.config.num_heads), **(extra_metadata or {})})
+    save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     tmp.rename(path)
+
+
+def save_dit(model, path: Path, extra_metadata: dict | None = None) -> None:
+    from keystep.export.dit_loaders import original_state_dict
+
+    save_checkpoint(original_state_dict(model), path, {"num_heads": model.config.num_heads, **(extra_metadata or {})})
 
 
 def train(out: Path, iters: int, sampler: str = "uniform", batch: int = 128, lr: float = 1e-3, seed: int = 0,

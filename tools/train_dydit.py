@@ -75,10 +75,10 @@ def train(base: str, target: float, out: Path, iters: int, batch: int = 128, lr:
     import torch
 
     from keystep.export.dit_loaders import load_dit
-    from keystep.export.width_profiles import UnitFlops
+    from keystep.runtime.width import UnitFlops
 
     from .digits import load_digit_images
-    from .train_dit import CLASS_DROPOUT
+    from .train_dit import CLASS_DROPOUT, save_checkpoint
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -91,7 +91,7 @@ def train(base: str, target: float, out: Path, iters: int, batch: int = 128, lr:
     sqrt_a = torch.from_numpy(np.sqrt(alphas)).float()
     sqrt_1ma = torch.from_numpy(np.sqrt(1 - alphas)).float()
     unit = UnitFlops.of(cfg)
-    dense = unit.dense(cfg)
+    dense = unit.dense(cfg.depth, cfg.num_heads)
     token_params = [p for b in model.blocks for p in b.token_router.parameters()]
     token_ids = {id(p) for p in token_params}
     dit_params = [p for p in model.parameters() if id(p) not in token_ids]
@@ -149,13 +149,8 @@ def train(base: str, target: float, out: Path, iters: int, batch: int = 128, lr:
                      f"(target {flops_target:.3f})  {time.perf_counter() - start:.0f} s")
     for block in model.blocks:
         block.token_gate, block.token_mode = None, "off"
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file(dydit_state_dict(model, routers), str(tmp),
-              metadata={"num_heads": str(cfg.num_heads), "target": str(target), "iters": str(iters), "base": str(base)})
-    tmp.rename(out)
+    save_checkpoint(dydit_state_dict(model, routers), out,
+                    {"num_heads": cfg.num_heads, "target": target, "iters": iters, "base": base})
     return {"seconds": time.perf_counter() - start, "final": np.mean(history[-50:], axis=0).tolist()}
 
 
