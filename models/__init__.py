@@ -26,11 +26,22 @@ class ShippedModel:
 
     @property
     def path(self) -> Path:
+        """The weights: a file, or a diffusers-style directory (model_index.json + parts)."""
         return HERE / self.file
 
     @property
+    def is_directory(self) -> bool:
+        return not Path(self.file).suffix
+
+    @property
     def available(self) -> bool:
-        return self.path.is_file()
+        return (self.path / "model_index.json").is_file() if self.is_directory else self.path.is_file()
+
+    @property
+    def size_bytes(self) -> int:
+        if self.is_directory:
+            return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return self.path.stat().st_size
 
 
 SHIPPED = {
@@ -51,6 +62,12 @@ SHIPPED = {
             "DyDiT fine-tune of digits-dit at lambda = 0.7 (official DyDiT checkpoint layout: width + token routers)",
             default_plan={"steps": 50, "key_steps": "uniform:6", "guidance": 2.0},
         ),
+        ShippedModel(
+            "digits-sd", "digits-sd",
+            "Stable-Diffusion-shaped text-to-image model: CLIP text encoder + BPE tokenizer trained on digit prompts, "
+            "cross-attention UNet in pixel space (16x16x1, no VAE)",
+            default_plan={"steps": 50, "key_steps": "default", "guidance": 2.0},
+        ),
     ]
 }
 CLASSIFIER = HERE / "digits-classifier.onnx"
@@ -58,3 +75,9 @@ CLASSIFIER = HERE / "digits-classifier.onnx"
 
 def shipped(name: str) -> ShippedModel | None:
     return SHIPPED.get(name)
+
+
+def resolve_model_path(model: str) -> str:
+    """A shipped model's name -> the path of its weights; anything else unchanged."""
+    entry = shipped(model)
+    return str(entry.path) if entry else model

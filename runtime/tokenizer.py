@@ -203,6 +203,14 @@ def _tokenizers_normalize(text: str) -> str:
     return "".join(ch.lower() for ch in text)
 
 
+def byte_level_pre_tokens(text: str) -> list[str]:
+    """The byte-level-mapped pre-tokens BPE runs on, as the default ("tokenizers") cleanup produces them (without
+    the added-token split): what a CLIP BPE vocabulary is trained on (keystep.tools.clip_bpe)."""
+    encoder = bytes_to_unicode()
+    return ["".join(encoder[b] for b in piece.encode("utf-8"))
+            for piece in _clip_pretokenize(_tokenizers_normalize(text), False)]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Added (special) tokens
 

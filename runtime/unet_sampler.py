@@ -14,7 +14,16 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
-from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, check_noise, row_values, tile_per_half
+from .sampler import (
+    PlanSampler,
+    SampleResult,
+    SamplingError,
+    SamplingOptions,
+    check_noise,
+    row_values,
+    tile_per_half,
+    to_uint8,
+)
 from .tokenizer import ClipTokenizer
 
 
@@ -120,6 +129,12 @@ class UNetSampler(PlanSampler):
 
     def prediction(self, outputs):
         return outputs["noise_pred"]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray | None:
+        """Pixel-space models (no VAE; ``pixel_space`` in the model config) sample images in [-1, 1] themselves."""
+        if self.bundle.model_config.get("pixel_space"):
+            return to_uint8((latents + 1) / 2)
+        return super().decode(latents)
 
 
 def load_control_image(path: str, height: int, width: int) -> np.ndarray:

@@ -42,6 +42,16 @@ def new_digits_dit(seed: int):
     return model
 
 
+def update_ema(ema, model, iteration: int, max_decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, the decay warming up as (1 + it) / (10 + it) to ``max_decay``."""
+    import torch
+
+    decay = min(max_decay, (1 + iteration) / (10 + iteration))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.mul_(decay).add_(p, alpha=1 - decay)
+
+
 def save_checkpoint(state: dict, path: Path, metadata: dict) -> None:
     """safetensors written to a temp name, then renamed: never a half-written model file."""
     from safetensors.torch import save_file
@@ -95,10 +105,7 @@ def train(out: Path, iters: int, sampler: str = "uniform", batch: int = 128, lr:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + it) / (10 + it))
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.mul_(decay).add_(p, alpha=1 - decay)
+        update_ema(ema, model, it, 0.999)
         losses.append(float(per_sample.detach().mean()))
         if it % 100 == 0 or it == iters:
             progress(f"iter {it}/{iters}  loss {np.mean(losses[-100:]):.4f}  {time.perf_counter() - start:.0f} s")
