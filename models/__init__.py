@@ -66,7 +66,7 @@ SHIPPED = {
             "digits-sd", "digits-sd",
             "Stable-Diffusion-shaped text-to-image model: CLIP text encoder + BPE tokenizer trained on digit prompts, "
             "cross-attention UNet in pixel space (16x16x1, no VAE)",
-            default_plan={"steps": 50, "key_steps": "default", "guidance": 2.0},
+            default_plan={"steps": 50, "key_steps": "uniform:2", "guidance": 2.0},
         ),
     ]
 }

@@ -129,7 +129,11 @@ def test_demo_end_to_end(tmp_path):
 
     assert main(["demo", "--dir", str(tmp_path), "--steps", "20", "--samples", "100"]) == 0
     rows = json.loads((tmp_path / "demo.json").read_text())
-    assert [r["plan"] for r in rows] == ["baseline", "key-step", "DyDiT 0.5 profiles", "DyDiT 0.5 + key-step"]
-    assert rows[0]["accuracy"] >= 0.85 and all(r["speedup"] > 1 for r in rows[1:])
+    assert [r["plan"] for r in rows] == ["baseline", "key-step", "DyDiT 0.5 profiles", "DyDiT 0.5 + key-step",
+                                         "text-to-image baseline", "text-to-image key-step"]
+    assert rows[0]["accuracy"] >= 0.85 and all(r["speedup"] > 1 for r in rows[1:4])
+    sd_base, sd_keys = rows[4:]
+    assert sd_base["speedup"] == 1 and sd_base["psnr_vs_baseline"] is None and sd_base["accuracy"] >= 0.8
+    assert sd_keys["speedup"] > 1 and sd_keys["baseline"] == "digits-sd"
     assert (tmp_path / "demo.md").is_file() and (tmp_path / "demo-plot.png").is_file()
-    assert len(list(tmp_path.glob("*.png"))) == 5
+    assert len(list(tmp_path.glob("*.png"))) == 7

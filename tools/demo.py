@@ -1,5 +1,9 @@
 """``keystep demo``: the shipped digits models end to end — build (once, cached), sample every plan from the same
-noise, and print speed and quality side by side; PNG grids, a Markdown table and a plot go to ``--dir``."""
+noise, and print speed and quality side by side; PNG grids, a Markdown table and a plot go to ``--dir``.
+
+Two groups of rows, each against its own baseline in the same run: the class-conditional DiT (and its DyDiT
+fine-tune), and the text-to-image ``digits-sd`` (prompts naming each digit, the templates cycling over the samples).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import numpy as np
 
 from keystep.runtime.backends.base import get_backend
 from keystep.runtime.bundle import MANIFEST_NAME, Bundle
-from keystep.runtime.dit_sampler import DiTSampler
 from keystep.runtime.sampler import SamplingOptions
 
 # plan row -> (shipped model, key-step spec; None = the model's tuned default plan)
@@ -20,7 +23,11 @@ DEMO_PLANS = {
     "key-step": ("digits-dit", None),
     "DyDiT 0.5 profiles": ("digits-dydit-0.5", "all"),
     "DyDiT 0.5 + key-step": ("digits-dydit-0.5", None),
+    "text-to-image baseline": ("digits-sd", "all"),
+    "text-to-image key-step": ("digits-sd", None),
 }
+# rows are compared with the first row of their group (speedup, PSNR): the DyDiT rows with the dense DiT
+BASELINE_OF = {"digits-dit": "digits-dit", "digits-dydit-0.5": "digits-dit", "digits-sd": "digits-sd"}
 
 
 def bundle_for(model: str, out_dir: Path, steps: int) -> Bundle:
@@ -29,10 +36,10 @@ def bundle_for(model: str, out_dir: Path, steps: int) -> Bundle:
         bundle = Bundle.load(path)
         if bundle.default_plan["num_steps"] == steps:
             return bundle
-    from keystep.export.build import build_dit_bundle
+    from keystep.export.build import build_bundle
 
     print(f"building {path} from the shipped model {model} (once; cached for the next run) ...", file=sys.stderr)
-    build_dit_bundle(model, str(path), steps=steps, progress=lambda m: print("  " + m, file=sys.stderr))
+    build_bundle(model, str(path), steps=steps, progress=lambda m: print("  " + m, file=sys.stderr))
     return Bundle.load(path)
 
 
@@ -44,47 +51,66 @@ def _progress(label: str, done: int, total: int) -> None:
         print(file=sys.stderr)
 
 
-def grid_png(images: np.ndarray, labels: np.ndarray, title: str, path: Path, per_class: int = 8) -> None:
-    """Rows = classes 0..9, ``per_class`` samples each, 4x nearest upscaling, the plan name on top."""
+def grid_png(images: np.ndarray, labels: np.ndarray, title: str, path: Path, per_class: int = 8,
+             row_labels: list[str] | None = None) -> None:
+    """Rows = classes 0..9, ``per_class`` samples each, 4x nearest upscaling, the plan name on top; ``row_labels``
+    (one per digit) go in a column on the left."""
     from PIL import Image, ImageDraw
 
     size = images.shape[-1] * 4
-    canvas = Image.new("L", (per_class * size, 10 * size + 16), 255)
+    margin = 0 if row_labels is None else 8 + 6 * max(len(t) for t in row_labels)
+    canvas = Image.new("L", (max(margin + per_class * size, 6 * len(title) + 4), 10 * size + 16), 255)
+    draw = ImageDraw.Draw(canvas)
     for digit in range(10):
         picks = np.flatnonzero(labels == digit)[:per_class]
         for col, i in enumerate(picks):
             pixels = ((np.clip(images[i, 0], -1, 1) + 1) * 127.5).round().astype(np.uint8)
-            canvas.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (col * size, 16 + digit * size))
-    ImageDraw.Draw(canvas).text((2, 2), title, fill=0)
+            canvas.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST),
+                         (margin + col * size, 16 + digit * size))
+        if row_labels is not None:
+            draw.text((2, 16 + digit * size + size // 2 - 5), row_labels[digit], fill=0)
+    draw.text((2, 2), title, fill=0)
     canvas.save(path)
 
 
 def run_demo(out_dir: str = "keystep-demo", steps: int = 50, samples: int = 200, seed: int = 0) -> int:
     from keystep.models import shipped
 
-    from .quality import DigitMetrics, generate, psnr
+    from .digit_prompts import DIGIT_WORDS, TEMPLATES, digit_prompt
+    from .quality import DigitMetrics, digits_sampler, generate, psnr, sample_digits
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plans = {name: p for name, p in DEMO_PLANS.items() if shipped(p[0]) and shipped(p[0]).available}
     backend = get_backend("onnxruntime")
-    samplers = {model: DiTSampler(bundle_for(model, out, steps), backend) for model, _ in plans.values()}
+    samplers = {model: digits_sampler(bundle_for(model, out, steps), backend) for model, _ in plans.values()}
     metrics = DigitMetrics()
     labels = np.arange(samples) % 10
-    rows, baseline = [], None
+    rows, baselines = [], {}  # baseline model -> (its row, its images)
     for name, (model, spec) in plans.items():
         sampler = samplers[model]
         options = SamplingOptions.from_bundle(sampler.bundle, key_steps=spec)
         spec = options.key_steps
-        sampler.sample([0], options, seed=seed)  # warm-up: session creation
+        sample_digits(sampler, np.array([0]), options, seed)  # warm-up: session creation
         images, seconds, flops = generate(sampler, options, labels, seed, progress=lambda done: _progress(name, done, samples))
-        baseline = images if baseline is None else baseline
-        grid_png(images, labels, f"{name} ({model}, {spec})", out / f"{name.replace(' ', '-').replace('+', 'and')}.png")
-        rows.append({"plan": name, "model": model, "key_steps": spec, "seconds_per_image": seconds / samples,
-                     "gflops_per_image": flops / samples / 1e9, "accuracy": metrics.accuracy(images, labels),
-                     "digits_fd": metrics.fd(images), "psnr_vs_baseline": None if not rows else psnr(images, baseline)})
-    for r in rows:
-        r["speedup"] = rows[0]["seconds_per_image"] / r["seconds_per_image"]
+        group = BASELINE_OF[model]
+        row = {"plan": name, "model": model, "key_steps": spec, "baseline": group, "seconds_per_image": seconds / samples,
+               "gflops_per_image": flops / samples / 1e9, "accuracy": metrics.accuracy(images, labels),
+               "digits_fd": metrics.fd(images), "psnr_vs_baseline": None}
+        if group in baselines:
+            row["psnr_vs_baseline"] = psnr(images, baselines[group][1])
+        else:
+            baselines[group] = (row, images)
+        row["speedup"] = baselines[group][0]["seconds_per_image"] / row["seconds_per_image"]
+        rows.append(row)
+        path = out / f"{name.replace(' ', '-').replace('+', 'and')}.png"
+        if sampler.family == "unet":
+            shown = min(8, len(TEMPLATES))
+            grid_png(images, labels, f"{name} ({model}, {spec}); column j: prompt template j, e.g. "
+                     f"{', '.join(repr(digit_prompt(7, j)) for j in range(3))}, ...", path, per_class=shown,
+                     row_labels=[f"{d} ({DIGIT_WORDS[d]})" for d in range(10)])
+        else:
+            grid_png(images, labels, f"{name} ({model}, {spec})", path)
     table = markdown_table(rows, samples, steps)
     print("\n" + table)
     (out / "demo.md").write_text(table + "\n")
@@ -96,7 +122,9 @@ def run_demo(out_dir: str = "keystep-demo", steps: int = 50, samples: int = 200,
 
 def markdown_table(rows: list[dict], samples: int, steps: int) -> str:
     note = "" if samples >= 1000 else f"; digits-FD from {samples} samples is noisy (papers' figure: >= 1000)"
-    lines = [f"{samples} samples per plan (classes 0-9), DDIM {steps} steps, same z_T for every plan{note}", "",
+    lines = [f"{samples} samples per plan (classes 0-9; text-to-image: prompts naming them), DDIM {steps} steps, "
+             f"same z_T for every plan{note}. Speedup and PSNR are against the baseline row of the same model "
+             f"(DyDiT rows: the dense DiT) in this run.", "",
              "| plan | time/image | speedup | GFLOP/image | class accuracy | digits-FD | PSNR vs baseline |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
