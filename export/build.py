@@ -6,11 +6,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from keystep.models import shipped
+from keystep.models import resolve_model_path, shipped
 from keystep.runtime.plan import parse_key_steps
 from keystep.runtime.schedulers import class_name_for_scheduler, make_scheduler
 
 from .bundle_writer import write_bundle
+from .dit_cache import BlockRange
 from .dit_export import dit_stages, dit_width_stages
 from .dit_loaders import load_dit
 from .errors import ModelLoadError
@@ -26,6 +27,38 @@ DIT_TRAINING_SCHEDULE = {
     "beta_schedule": "linear",
 }
 DIT_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.3}
+CACHE_KINDS = {"dit": "blocks", "unet": "deep"}
+
+
+def parse_cache_variants(spec: str | None, family: str) -> list:
+    """``--cache``: ``deep:0,1,2`` (UNet, DeepCache branch ids) or ``blocks:2-9,3-8`` (DiT, skipped block ranges)."""
+    if not spec:
+        return []
+    kind, _, items = spec.partition(":")
+    if kind not in CACHE_KINDS.values() or not items:
+        raise ModelLoadError(f"bad --cache {spec!r}: use deep:ID[,ID...] (UNet) or blocks:FIRST-LAST[,...] (DiT)")
+    if kind != CACHE_KINDS[family]:
+        raise ModelLoadError(f"--cache {kind}:... applies to {'UNet' if kind == 'deep' else 'DiT'} models, "
+                             f"this is a {family} model (use {CACHE_KINDS[family]}:...)")
+    if kind == "blocks":
+        return [BlockRange.parse(item) for item in items.split(",")]
+    from .unet_cache import DeepCacheBranch
+
+    try:
+        return [DeepCacheBranch(int(item)) for item in items.split(",")]
+    except ValueError:
+        raise ModelLoadError(f"bad --cache {spec!r}: DeepCache branch ids are integers") from None
+
+
+def cache_manifest(variants: list) -> dict:
+    """The manifest's ``cache`` section: what each variant caches (runtime and inspect read it)."""
+    described = {}
+    for v in variants:
+        if isinstance(v, BlockRange):
+            described[v.name] = {"kind": "dit-blocks", "first": v.start, "last": v.stop - 1}
+        else:
+            described[v.name] = {"kind": "deepcache", "branch_id": v.branch_id, "block": v.block, "layer": v.layer}
+    return {"variants": described}
 
 
 def resolve_scheduler_config(model_config: dict | None, config_file: str | None, name: str | None) -> dict:
@@ -57,9 +90,11 @@ def build_dit_bundle(
     width: str | None = None,
     max_profiles: int = 8,
     token_skip: str = "gather",
+    cache: str | None = None,
     progress=print,
 ) -> Path:
     loaded = load_dit(model, num_heads=num_heads)
+    cached = parse_cache_variants(cache, "dit")
     cfg = loaded.model.config
     # a shipped model's tuned default plan (docs/models.md), unless the caller says otherwise
     entry = shipped(model)
@@ -70,9 +105,10 @@ def build_dit_bundle(
     parse_key_steps(key_steps, steps, "dit")  # fail early on a plan that does not fit
     sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
     width = width or ("dydit" if loaded.routers is not None else "none")
-    assets = {}
+    if width != "none" and cached:
+        raise ModelLoadError("--cache cannot be combined with width profiles yet (width bundles have no full stage)")
     if width == "none":
-        stages = dit_stages(loaded.model, split, loaded.vae)
+        stages = dit_stages(loaded.model, split, loaded.vae, cached)
     else:
         plan = WidthPlan.compile(loaded, width, sched, steps, key_steps, split, max_profiles, token_skip, progress)
         stages = dit_width_stages(loaded.model, split, plan.engines, plan.token_mode, loaded.vae)
@@ -86,6 +122,8 @@ def build_dit_bundle(
         "scheduler": sched,
         "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **DIT_NOISE_INJECTION},
     }
+    if cached:
+        fields["cache"] = cache_manifest(cached)
     if width == "none":
         return write_bundle(Path(out), stages, fields, progress=progress)
     fields["width"] = plan.manifest()
@@ -104,32 +142,39 @@ def build_unet_bundle(
     scheduler_config: str | None = None,
     steps: int = 50,
     key_steps: str | None = None,
-    guidance: float = 7.5,
+    guidance: float | None = None,
+    cache: str | None = None,
     progress=print,
 ) -> Path:
     from .unet_export import load_controlnet, load_sd_pipeline_dir, unet_model_config, unet_stages
 
-    loaded = load_sd_pipeline_dir(model)
+    entry = shipped(model)  # a shipped model's tuned default plan (docs/models.md), unless the caller says otherwise
+    tuned = entry.default_plan if entry else {}
+    guidance = guidance if guidance is not None else tuned.get("guidance", 7.5)
+    loaded = load_sd_pipeline_dir(resolve_model_path(model))
+    branches = parse_cache_variants(cache, "unet")
     control = load_controlnet(controlnet) if controlnet else None
-    key_steps = key_steps or "default"
+    key_steps = key_steps or tuned.get("key_steps", "default")
     parse_key_steps(key_steps, steps, "unet")
     sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
     fields = {
         "family": "unet",
         "model_config": unet_model_config(loaded, control),
-        "source": {"kind": loaded.source_kind, "path": str(Path(model).resolve()),
+        "source": {"kind": loaded.source_kind, "path": model if entry else str(Path(model).resolve()),
                    "controlnet": str(Path(controlnet).resolve()) if controlnet else None},
         "scheduler": sched,
         "default_plan": {"num_steps": steps, "key_steps": key_steps, "guidance": guidance, **UNET_NOISE_INJECTION},
     }
-    stages = unet_stages(loaded, control)
+    if branches:
+        fields["cache"] = cache_manifest(branches)
+    stages = unet_stages(loaded, control, branches)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = tokenizer_asset(loaded.tokenizer_dir, Path(scratch))
         return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": tokenizer})
 
 
 def is_unet_pipeline(model: str) -> bool:
-    index = Path(model) / "model_index.json"
+    index = Path(resolve_model_path(model)) / "model_index.json"
     return index.is_file() and "unet" in json.loads(index.read_text())
 
 

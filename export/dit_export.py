@@ -16,6 +16,7 @@ from keystep.runtime.bundle import parse_dim
 
 from keystep.runtime.width import WidthEngine
 
+from .dit_cache import BlockRange, DiTBlockSkipStage, DiTCachingFullStage
 from .dit_model import DecoderStage, DiT, EncoderStage, narrow_block
 from .errors import ModelLoadError
 
@@ -86,14 +87,24 @@ def check_split(cfg, split: int) -> None:
         raise ModelLoadError(f"--split {split} is out of range: the model has {cfg.depth} blocks (1..{cfg.depth - 1})")
 
 
-def dit_stages(model: DiT, split: int, vae=None) -> list[StageDef]:
+def dit_stages(model: DiT, split: int, vae=None, cached: list[BlockRange] = ()) -> list[StageDef]:
+    """encoder, decoder, full (+ one cached-step stage per block range, whose residual the full stage returns)."""
     cfg = model.config
     check_split(cfg, split)
     latent, cond, hidden, output = _dit_specs(cfg)
+    residuals = {}
+    for r in cached:
+        r.check(cfg.depth)
+        residuals[r.name] = TensorSpec(f"cache_{r.name}", "float32", hidden.shape)
+    full = DiTCachingFullStage(model, list(cached)) if cached else model
     stages = [
         StageDef("encoder", EncoderStage(model, split).eval(), [latent, *cond], [hidden]),
         StageDef("decoder", DecoderStage(model, split).eval(), [hidden, *cond], [output]),
-        StageDef("full", model.eval(), [latent, *cond], [output]),
+        StageDef("full", full.eval(), [latent, *cond], [output, *residuals.values()]),
+    ]
+    stages += [
+        StageDef(f"cached.{r.name}", DiTBlockSkipStage(model, r).eval(), [latent, *cond, residuals[r.name]], [output])
+        for r in cached
     ]
     if vae is not None:
         stages.append(vae_decoder_stage(vae, cfg.in_channels, cfg.input_size))

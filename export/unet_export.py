@@ -35,6 +35,7 @@ import torch
 from .dit_export import StageDef, TensorSpec, VAEDecoderStage
 from .errors import ModelLoadError
 from .tokenizer_asset import has_tokenizer
+from .unet_cache import DeepCacheBranch, UNetCachingFullStage, UNetShallowStage, deep_feature_shape
 from .unet_model import (
     ControlNetStage,
     TextEncoderStage,
@@ -66,6 +67,7 @@ class LoadedSD:
     model_index: dict = field(default_factory=dict)
     source_kind: str = "diffusers-pipeline"
     path: Path | None = None
+    pixel_space: bool = False  # no VAE: the UNet denoises images (checked by check_pixel_space_unet)
 
 
 def _read_json(path: Path) -> dict:
@@ -142,22 +144,39 @@ def check_controlnet(controlnet, unet) -> None:
 # --- loading --------------------------------------------------------------------------------------------------------
 
 
+PIXEL_CHANNELS = (1, 3)  # grey or RGB images
+
+
+def check_pixel_space_unet(unet_config: dict, path: Path) -> None:
+    """Without vae/ the UNet must denoise images themselves: 1 or 3 channels in, as many out (epsilon/v)."""
+    c_in, c_out = unet_config.get("in_channels", 4), unet_config.get("out_channels", 4)
+    if c_in not in PIXEL_CHANNELS or c_out != c_in:
+        raise ModelLoadError(
+            f"{path}: the pipeline has no vae/ directory and its UNet is not pixel-space-shaped ({c_in} channels in, "
+            f"{c_out} out; pixel space needs 1 or 3 in and as many out) — a latent model needs its vae/")
+
+
 def load_sd_pipeline_dir(path: str | Path) -> LoadedSD:
     """A diffusers Stable Diffusion directory: model_index.json, unet/, vae/, text_encoder/ (CLIPTextModel),
-    tokenizer/, scheduler/scheduler_config.json."""
+    tokenizer/, scheduler/scheduler_config.json. Without vae/ the UNet works in pixel space (images in [-1, 1])."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model directory does not exist: {path}")
     index = _read_json(path / "model_index.json")
     if "text_encoder_2" in index or index.get("_class_name", "").startswith("StableDiffusionXL"):
         raise ModelLoadError(f"{path}: SDXL pipelines ({index.get('_class_name')}) are not supported")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         if not (path / part).is_dir():
             raise ModelLoadError(f"{path}: the pipeline has no {part}/ directory")
-    check_unet_config(_read_json(path / "unet" / "config.json"), f"{path}/unet")
-    vae_config = _read_json(path / "vae" / "config.json")
-    if vae_config.get("_class_name") != "AutoencoderKL":
-        raise ModelLoadError(f"{path}/vae: expected an AutoencoderKL, found {vae_config.get('_class_name')!r}")
+    unet_config = _read_json(path / "unet" / "config.json")
+    check_unet_config(unet_config, f"{path}/unet")
+    has_vae = (path / "vae").is_dir()
+    if has_vae:
+        vae_config = _read_json(path / "vae" / "config.json")
+        if vae_config.get("_class_name") != "AutoencoderKL":
+            raise ModelLoadError(f"{path}/vae: expected an AutoencoderKL, found {vae_config.get('_class_name')!r}")
+    else:
+        check_pixel_space_unet(unet_config, path)
     te_config = _read_json(path / "text_encoder" / "config.json")
     if "CLIPTextModel" not in (te_config.get("architectures") or []):
         raise ModelLoadError(f"{path}/text_encoder: expected a CLIPTextModel, found {te_config.get('architectures')}")
@@ -170,11 +189,12 @@ def load_sd_pipeline_dir(path: str | Path) -> LoadedSD:
 
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32).eval()
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32).eval() if has_vae else None
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
-    return LoadedSD(unet, vae, text_encoder, path / "tokenizer", scheduler_config, index, "diffusers-pipeline", path)
+    return LoadedSD(unet, vae, text_encoder, path / "tokenizer", scheduler_config, index, "diffusers-pipeline", path,
+                    pixel_space=not has_vae)
 
 
 def load_controlnet(path: str | Path):
@@ -241,15 +261,19 @@ def unet_model_config(loaded: LoadedSD, controlnet=None) -> dict:
     if loaded.vae is not None:
         cfg["vae_scale_factor"] = 2 ** (len(loaded.vae.config.block_out_channels) - 1)
         cfg["vae_scaling_factor"] = loaded.vae.config.scaling_factor
+    elif loaded.pixel_space:  # images in [-1, 1] are the UNet's samples
+        cfg["vae_scale_factor"] = 1
+        cfg["pixel_space"] = True
     if loaded.text_encoder is not None:
         te = loaded.text_encoder.config
         cfg.update(text_len=te.max_position_embeddings, vocab_size=te.vocab_size)
     return cfg
 
 
-def unet_stages(loaded: LoadedSD, controlnet=None) -> list[StageDef]:
-    """StageDefs for text_encoder (if loaded), encoder, decoder, full, controlnet (if given) and
-    vae_decoder (if loaded), each with batch / height / width / text_len dynamic where they apply."""
+def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranch] = ()) -> list[StageDef]:
+    """StageDefs for text_encoder (if loaded), encoder, decoder, full, one shallow stage per DeepCache branch (whose
+    deep feature the full stage then returns), controlnet (if given) and vae_decoder (if loaded), each with batch /
+    height / width / text_len dynamic where they apply."""
     unet = loaded.unet.eval()
     check_unet_config(dict(unet.config))
     cfg = unet.config
@@ -287,10 +311,20 @@ def unet_stages(loaded: LoadedSD, controlnet=None) -> list[StageDef]:
             flops_sizes={"text_len": te.config.max_position_embeddings},
             ranges={"text_len": (1, te.config.max_position_embeddings)},
         ))
+    deep = {}
+    for branch in branches:
+        branch.check(unet)
+        channels, level = deep_feature_shape(unet, branch)
+        deep[branch.name] = TensorSpec(f"cache_{branch.name}", f32, ("batch", channels, *_level_dims(level)))
+    full = UNetCachingFullStage(unet, list(branches)) if branches else UNetFullStage(unet)
     stages += [
         stage("encoder", UNetEncoderStage(unet), [sample, timestep, ehs], [*skips, mid]),
         stage("decoder", UNetDecoderStage(unet, len(skips)), [*skips, mid, timestep, ehs], [noise_pred]),
-        stage("full", UNetFullStage(unet), [sample, timestep, ehs], [noise_pred]),
+        stage("full", full, [sample, timestep, ehs], [noise_pred, *deep.values()]),
+    ]
+    stages += [
+        stage(f"cached.{b.name}", UNetShallowStage(unet, b), [sample, timestep, ehs, deep[b.name]], [noise_pred])
+        for b in branches
     ]
     if controlnet is not None:
         controlnet = controlnet.eval()

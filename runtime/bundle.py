@@ -110,6 +110,11 @@ class Bundle:
         return self.manifest["default_plan"]
 
     @property
+    def cache_variants(self) -> dict[str, dict]:
+        """Feature-caching variants built into the bundle (name -> what it caches); empty if none."""
+        return self.manifest.get("cache", {}).get("variants", {})
+
+    @property
     def width(self) -> "WidthTable | None":
         """The width profiles of a DyDiT/calibrated bundle (None for dense bundles), loaded once."""
         section = self.manifest.get("width")

@@ -16,7 +16,10 @@ A call split by ``max_decoder_batch`` keeps the same layout over its subset of s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class PlanError(ValueError):
@@ -88,8 +91,80 @@ def parse_key_steps(spec: str | list[int] | None, num_steps: int, family: str = 
 
 
 @dataclass(frozen=True)
+class CachePlan:
+    """Feature caching from step ``start`` on (DeepCache for UNets, block caching for DiTs): the ``full`` stage runs
+    at ``full_steps`` and refreshes the cache, every other step runs the variant's ``cached`` stage on it. Steps
+    before ``start`` follow the key-step plan (encoder propagation early, caching late)."""
+
+    variant: str  # the bundle's cache variant, e.g. "deep0" or "blocks2-9"
+    full_steps: tuple[int, ...]  # sorted, always contains ``start``
+    start: int = 0
+    spec: str = ""
+
+    @property
+    def engine(self) -> str:
+        return f"cached.{self.variant}"
+
+
+def quad_center_steps(total: int, count: int, center: int, power: float) -> list[int]:
+    """DeepCache's non-uniform schedule (``sample_from_quad_center`` of its research pipelines): ``count`` full
+    steps, dense around ``center``. It raises a negative base to 1/power with Python's complex semantics and keeps
+    the real part; this does the same so the lists agree."""
+    while power > 1:
+        x = np.linspace(complex(-center) ** (1 / power), complex(total - center) ** (1 / power), count + 1)
+        indices = [0] + [int(v) + center for v in np.unique(np.int32((x**power).real))[1:-1]]
+        if len(indices) == count:
+            return indices
+        power -= 0.02
+    raise PlanError(f"no quad schedule of {count} full steps in {total} around step {center}: lower the interval")
+
+
+def _cache_schedule(text: str, num_steps: int, start: int) -> tuple[int, ...]:
+    kind, _, rest = text.partition(":")
+    span = num_steps - start
+    try:
+        if kind in ("uniform", "quad"):
+            every, *extra = rest.split(":")
+            every = int(every)
+            if every < 1:
+                raise ValueError
+        if kind == "uniform":
+            return tuple(range(start, num_steps, every))
+        if kind == "quad":
+            center = int(extra[0]) if extra else round(0.3 * span)
+            power = float(extra[1]) if len(extra) > 1 else 1.4
+            return tuple(sorted(start + i for i in quad_center_steps(span, math.ceil(span / every), center, power)))
+        steps = tuple(sorted(int(s) for s in text.split(",") if s))
+    except ValueError:
+        raise PlanError(f"bad cache schedule {text!r}: use uniform:M, quad:M[:CENTER[:POW]] or a list 0,3,6") from None
+    if any(not start <= s < num_steps for s in steps) or start not in steps or len(set(steps)) != len(steps):
+        raise PlanError(f"cache full steps {list(steps)} must be distinct, in {start}..{num_steps - 1}, and contain {start}")
+    return steps
+
+
+def parse_cache(spec: str | None, num_steps: int, variants: list[str]) -> CachePlan | None:
+    """``VARIANT:SCHEDULE[@START]``: e.g. ``deep0:uniform:3``, ``blocks2-9:quad:3``, ``deep0:uniform:3@20``."""
+    if spec is None or spec in ("", "none"):
+        return None
+    text, _, start_text = spec.strip().partition("@")
+    variant, _, schedule = text.partition(":")
+    if variant not in variants:
+        built = ", ".join(variants) or "none (build with --cache)"
+        raise PlanError(f"cache variant {variant!r} is not in this bundle; built: {built}")
+    if not schedule:
+        raise PlanError(f"bad cache spec {spec!r}: VARIANT:SCHEDULE[@START], e.g. {variant}:uniform:3")
+    try:
+        start = int(start_text) if start_text else 0
+    except ValueError:
+        raise PlanError(f"bad cache spec {spec!r}: @START must be a step index") from None
+    if not 0 <= start < num_steps:
+        raise PlanError(f"cache start {start} is out of range for {num_steps} steps")
+    return CachePlan(variant, _cache_schedule(schedule, num_steps, start), start, spec.strip())
+
+
+@dataclass(frozen=True)
 class StageCall:
-    stage: str  # "full" | "encoder" | "decoder"
+    stage: str  # "full" | "encoder" | "decoder" | "cached"
     steps: tuple[int, ...]  # the step indices this call computes (one for full/encoder)
     batch: int  # rows = len(steps) * CFG multiplier * images
     engine: str = ""  # the bundle stage that runs it when that differs from ``stage`` (a width profile)
@@ -106,10 +181,20 @@ def build_calls(
     parallel: bool = True,
     max_decoder_batch: int | None = None,
     engines: dict[str, list[str]] | None = None,
+    cache: CachePlan | None = None,
 ) -> list[StageCall]:
     """``engines``: per stage, the engine of every step (width bundles). A batched decoder call covers only
-    consecutive steps that share an engine: a group is split where the width profile changes."""
+    consecutive steps that share an engine: a group is split where the width profile changes. ``cache``: from its
+    start step on, full and cached calls replace the key-step plan."""
     rows_per_step = images * (2 if cfg else 1)
+    if cache is not None:
+        early = KeyStepPlan(cache.start, tuple(s for s in plan.key_steps if s < cache.start), plan.baseline)
+        calls = build_calls(early, images, cfg, parallel, max_decoder_batch, engines) if cache.start else []
+        return calls + [
+            StageCall("full", (i,), rows_per_step) if i in cache.full_steps
+            else StageCall("cached", (i,), rows_per_step, cache.engine)
+            for i in range(cache.start, plan.num_steps)
+        ]
     if plan.baseline:
         return [StageCall("full", (i,), rows_per_step) for i in range(plan.num_steps)]
     engine_of = engines or {"encoder": [""] * plan.num_steps, "decoder": [""] * plan.num_steps}

@@ -11,15 +11,19 @@ StableDiffusionPipeline). A decoder call over S steps repeats each half S times,
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .backends.base import Backend, StageRunner
 from .bundle import Bundle
-from .plan import KeyStepPlan, PlanError, StageCall, build_calls, parse_key_steps, plan_flops
+from .plan import CachePlan, KeyStepPlan, PlanError, StageCall, build_calls, parse_cache, parse_key_steps, plan_flops
 from .schedulers import make_scheduler
+
+
+CACHE_VARIANT = re.compile(r"^(deep\d+|blocks\d+-\d+):")  # the names build gives cache variants
 
 
 class SamplingError(ValueError):
@@ -31,18 +35,42 @@ class SamplingOptions:
     num_steps: int = 50
     guidance: float = 4.0
     key_steps: str | list[int] | None = "default"
+    cache: str | None = None  # feature caching, "VARIANT:SCHEDULE[@START]" (see plan.parse_cache)
     scheduler: str | None = None  # None: the bundle's scheduler class
     parallel: bool | None = None  # batch a group's decoders into one call; None: the backend's preference
     max_decoder_batch: int | None = None
-    noise_injection: bool | None = None  # None: on for key-step plans, off for the baseline
+    noise_injection: bool | None = None  # None: on for key-step plans, off for the baseline and cache plans
     noise_alpha: float = 0.003
     noise_tau: float = 0.3
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, **overrides) -> "SamplingOptions":
         defaults = {k: v for k, v in bundle.default_plan.items() if k in cls.__dataclass_fields__}
-        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "key_steps" in overrides and "cache" not in overrides:
+            defaults.pop("cache", None)  # an explicit key-step plan is that plan, without the default's caching
+        defaults.update(overrides)
         return cls(**defaults)
+
+    @property
+    def plan_spec(self) -> str:
+        """The plan these options run, in :meth:`with_plan`'s notation."""
+        key_steps = self.key_steps if isinstance(self.key_steps, str) or self.key_steps is None else \
+            ",".join(map(str, self.key_steps))
+        key_steps = key_steps or "default"
+        return key_steps if not self.cache or self.cache == "none" else f"{key_steps}+{self.cache}"
+
+    def with_plan(self, spec: str) -> "SamplingOptions":
+        """These options running one plan, written ``KEY_STEPS``, ``CACHE`` or ``KEY_STEPS+CACHE``: e.g. ``all``,
+        ``uniform:6``, ``deep0:uniform:3`` (caching from step 0), ``0,2+deep1:uniform:3@4`` (key steps 0 and 2,
+        caching from step 4). A part naming a cache variant (``deep<id>``, ``blocks<a>-<b>``) is the cache plan."""
+        key_steps, cache = "all", None
+        for part in spec.split("+"):
+            if CACHE_VARIANT.match(part):
+                cache = part
+            else:
+                key_steps = part
+        return replace(self, key_steps=key_steps, cache=cache)
 
 
 @dataclass
@@ -54,6 +82,7 @@ class PreparedRun:
     scheduler: object  # a fresh scheduler with its timesteps set: one per run (schedulers carry state)
     timesteps: np.ndarray
     step_masks: np.ndarray | None = None  # width bundles: (steps, depth, 2, heads)
+    cache: CachePlan | None = None
 
 
 @dataclass
@@ -101,8 +130,12 @@ def prepare_run(bundle: Bundle, options: SamplingOptions, images: int, parallel:
     """The run's scheduler, plan and call list (with each step's width engine on width bundles)."""
     scheduler, timesteps = scheduler_for(bundle, options)
     plan = parse_key_steps(options.key_steps, len(timesteps), bundle.family)
+    cache = parse_cache(options.cache, len(timesteps), list(bundle.cache_variants))
+    if cache is not None and not full_usable:
+        raise PlanError("cache plans need the full stage, which this run cannot use (ControlNet)")
     cfg = options.guidance > 1
-    injection = (not plan.baseline) if options.noise_injection is None else options.noise_injection
+    default_injection = not plan.baseline and cache is None
+    injection = default_injection if options.noise_injection is None else options.noise_injection
     if plan.baseline and not full_usable:
         # every step a key step, one step per call: the same computation as the full model
         plan, parallel = KeyStepPlan(plan.num_steps, tuple(range(plan.num_steps)), spec=plan.spec), False
@@ -110,8 +143,8 @@ def prepare_run(bundle: Bundle, options: SamplingOptions, images: int, parallel:
     if width is not None:
         step_masks = width.step_masks(timesteps)
         engines = {stage: [e.name for e in chosen] for stage, chosen in width.assign(timesteps).items()}
-    calls = build_calls(plan, images, cfg, parallel, options.max_decoder_batch, engines)
-    return PreparedRun(plan, calls, cfg, injection, scheduler, timesteps, step_masks)
+    calls = build_calls(plan, images, cfg, parallel, options.max_decoder_batch, engines, cache)
+    return PreparedRun(plan, calls, cfg, injection, scheduler, timesteps, step_masks, cache)
 
 
 class PlanSampler:
@@ -182,7 +215,8 @@ class PlanSampler:
         z_T = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
         z = z_T
         inject_below = options.noise_tau * scheduler.num_train_timesteps
-        cache = None
+        cache = None  # what the group's decoders reuse (encoder outputs)
+        features = {}  # feature caching: the last full step's cached tensors, by graph name ("cache_<variant>")
         call_seconds, call_flops, mlp_tokens = [], [], []
         start = time.perf_counter()
         for call in prepared.calls:
@@ -193,6 +227,9 @@ class PlanSampler:
                 x = scheduler.scale_model_input(z, step_t[0]).astype(np.float32)
                 x = np.concatenate([x, x]) if cfg else x
                 feeds = self.latent_input_feeds(x, step_t[0], context)
+                if call.stage == "cached":
+                    name = "cache_" + prepared.cache.variant
+                    feeds[name] = features[name]
             feeds.update(self.width_feeds(call, prepared, images))
             t0 = time.perf_counter()
             outputs = self.runner(call.runner).run(feeds)
@@ -202,6 +239,8 @@ class PlanSampler:
             if call.stage == "encoder":
                 cache = self.encoder_cache(outputs, x, step_t[0], context)
                 continue
+            if call.stage == "full" and prepared.cache is not None:
+                features = {k: v for k, v in outputs.items() if k.startswith("cache_")}
             pred = self.prediction(outputs)
             steps = len(call.steps)
             if cfg:

@@ -30,6 +30,16 @@ def tiny_bundle(original_checkpoint, tmp_path_factory):
     return build_dit_bundle(str(original_checkpoint), str(out), steps=10, num_heads=4, progress=lambda m: None)
 
 
+@pytest.fixture(scope="session")
+def block_cache_bundle(original_checkpoint, tmp_path_factory):
+    """The tiny DiT with two block-caching variants: blocks 1..2 and block 2 skipped at cached steps."""
+    from keystep.export.build import build_dit_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "blockcache"
+    return build_dit_bundle(str(original_checkpoint), str(out), steps=10, num_heads=4, cache="blocks:1-2,2-2",
+                            progress=lambda m: None)
+
+
 # --- DyDiT: a random DyDiT-format checkpoint and width bundles (one routed, one calibrated) ----------------------
 
 
@@ -137,8 +147,10 @@ def controlnet_dir(sd_models, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd_bundle_dir(sd_dir, controlnet_dir, tmp_path_factory):
-    """Every SD stage (text encoder, encoder, decoder, full, ControlNet, VAE) through the normal build path."""
+    """Every SD stage (text encoder, encoder, decoder, full, ControlNet, VAE, DeepCache shallow stages for every
+    branch of the two-block tiny UNet) through the normal build path."""
     from keystep.export.build import build_unet_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "sd"
-    return build_unet_bundle(str(sd_dir), str(out), controlnet=str(controlnet_dir), steps=10, progress=lambda m: None)
+    return build_unet_bundle(str(sd_dir), str(out), controlnet=str(controlnet_dir), steps=10, cache="deep:0,1,3,4",
+                             progress=lambda m: None)

@@ -1,5 +1,7 @@
 """The benchmark tool runs end to end (tiny model, few steps) and its numbers are consistent."""
 
+import pytest
+
 from keystep.tools.bench_common import to_markdown
 from keystep.tools.bench_dit import run
 
@@ -12,3 +14,18 @@ def test_bench_dit_smoke():
     assert result["max_abs_diff_baseline_vs_eager"] < 1e-3
     assert result["flops"]["key-step"] < result["flops"]["baseline"]
     assert "| baseline |" in to_markdown(result, "cmd", "tiny")
+
+
+@pytest.mark.slow  # two bundles and both backends: ~2 minutes
+def test_unified_bench_dit_smoke(capsys):
+    """tools/bench end to end on the tiny DiT preset, both CPU backends: every row ran and is reported."""
+    from keystep.tools.bench import main
+
+    assert main(["--model", "dit", "--preset", "dit-tiny", "--steps", "6", "--repeats", "1", "--interval", "2",
+                 "--target-speedup", "1.5"]) == 0
+    out = capsys.readouterr().out
+    for row in ("diffusers eager", "keystep baseline", "key-step (FasterDiffusion)", "block cache blocks2-5",
+                "block cache blocks3-4", "tuned: ", "DyDiT width profiles", "DyDiT width + key steps"):
+        assert f"| {row}" in out
+    assert "| keystep baseline | onnxruntime |" in out and "| keystep baseline | openvino |" in out
+    assert "Backend peaks" in out

@@ -89,11 +89,17 @@ def test_stage_io_in_the_manifest(sd_bundle, sd_models, loaded):
     sample, timestep = ("sample", f, [b, 4, "height", "width"]), ("timestep", f, [b])
     ehs = ("encoder_hidden_states", f, [b, "text_len", 32])
     noise = ("noise_pred", f, [b, 4, "height", "width"])
+    # DeepCache deep features: the hidden state entering the up layer each branch resumes at (see unet_cache)
+    deep = {0: ("cache_deep0", f, [b, 32, "height", "width"]),  # last up block, before its layer 1
+            1: ("cache_deep1", f, [b, 64, "height", "width"]),  # entering the last up block (upsampled)
+            3: ("cache_deep3", f, [b, 64, "height_1", "width_1"]),  # first up block, before its layer 1
+            4: ("cache_deep4", f, [b, 64, "height_1", "width_1"])}  # the mid block's output
     assert io == {
+        **{f"cached.deep{i}": ([sample, timestep, ehs, spec], [noise]) for i, spec in deep.items()},
         "text_encoder": ([("input_ids", "int64", [b, "text_len"])], [("text_embeddings", f, [b, "text_len", 32])]),
         "encoder": ([sample, timestep, ehs], [*skips, mid]),
         "decoder": ([*skips, mid, timestep, ehs], [noise]),
-        "full": ([sample, timestep, ehs], [noise]),
+        "full": ([sample, timestep, ehs], [noise, *deep.values()]),
         "controlnet": ([sample, timestep, ehs, ("controlnet_cond", f, [b, 3, "8*height", "8*width"]),
                         ("conditioning_scale", f, [1])],
                        [(n.replace("skip", "down_res"), d, s) for n, d, s in skips] + [("mid_res", f, mid[2])]),

@@ -30,8 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     from .profile import ProfileError
+    from .tune import TuneError
 
-    errors.append(ProfileError)
+    errors += [ProfileError, TuneError]
     return tuple(errors)
 
 
@@ -40,6 +41,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler (default: the bundle's)")
     p.add_argument("--key-steps", help="'default', 'all' (baseline), 'uniform:M' or a list like 0,1,2,5")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1 disables CFG)")
+    p.add_argument("--cache", help="feature caching VARIANT:SCHEDULE[@START], e.g. deep0:uniform:3, blocks2-9:quad:3, "
+                   "deep0:uniform:3@20 (key-step plan before step 20); 'none' turns the default's off")
     p.add_argument("--parallel", dest="parallel", action="store_true", default=None,
                    help="batch each group's decoders into one call (default on GPU backends)")
     p.add_argument("--no-parallel", dest="parallel", action="store_false",
@@ -71,6 +74,7 @@ def options_from_args(bundle: Bundle, args) -> SamplingOptions:
         num_steps=args.steps,
         scheduler=args.scheduler,
         key_steps=args.key_steps,
+        cache=args.cache,
         guidance=args.guidance,
         parallel=args.parallel,
         max_decoder_batch=args.max_decoder_batch,
@@ -84,7 +88,8 @@ def cmd_build(args) -> int:
     except ImportError as exc:
         raise SystemExit(f"keystep build needs the export extra (pip install 'keystep[export]'): {exc}") from exc
     options = {} if args.guidance is None else {"guidance": args.guidance}
-    width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip}
+    width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip,
+             "cache": args.cache}
     options.update({k: v for k, v in width.items() if v is not None})
     out = build_bundle(
         args.model,
@@ -182,7 +187,7 @@ def cmd_models(args) -> int:
 
     print(f"{'name':<18} {'size':>9}  what")
     for m in SHIPPED.values():
-        size = f"{m.path.stat().st_size / 1e6:.2f} MB" if m.available else "missing"
+        size = f"{m.size_bytes / 1e6:.2f} MB" if m.available else "missing"
         print(f"{m.name:<18} {size:>9}  {m.description}")
     return 0
 
@@ -191,6 +196,26 @@ def cmd_quality(args) -> int:
     from .quality import run_quality_command
 
     return run_quality_command(args, Bundle.load(args.bundle), backend_from_args(args))
+
+
+def cmd_tune(args) -> int:
+    from keystep.runtime.samplers import sampler_for
+
+    from .tune import format_record, tune, write_tuned_plan
+
+    bundle = Bundle.load(args.bundle)
+    options = options_from_args(bundle, args)
+    sampler = sampler_for(bundle, backend_from_args(args))
+    classes = args.class_labels or list(range(min(4, bundle.model_config.get("num_classes", 0))))
+    record = tune(bundle, sampler, options, args.target_speedup, args.budget_flops, args.by, args.method, args.seeds,
+                  classes=classes if bundle.family == "dit" else None,
+                  prompts=(args.prompt or ["a photo", "a drawing"]) if bundle.family == "unet" else None,
+                  progress=lambda t: print(f"  tried {t.plan}: PSNR {t.psnr:.2f} dB", file=sys.stderr))
+    if not args.dry_run:
+        write_tuned_plan(bundle, record)
+    print(json.dumps(record, indent=2) if args.json else format_record(record))
+    print(f"chosen plan: {record['chosen']}" + ("" if args.dry_run else f" (written to {bundle.root})"))
+    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -207,6 +232,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-steps", help="default key-step plan (default: 'default', or a shipped model's tuned plan)")
     p.add_argument("--guidance", type=float, help="default guidance scale (DiT 4.0, UNet 7.5)")
     p.add_argument("--controlnet", help="a diffusers ControlNetModel directory (UNet models)")
+    p.add_argument("--cache", help="feature-caching stages to build: deep:ID[,ID...] (UNet, DeepCache branch ids "
+                   "as in the deepcache package) or blocks:FIRST-LAST[,...] (DiT, block ranges skipped at cached steps)")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
     p.add_argument("--width", help="width profiles: none (dense), dydit (the checkpoint's routers; the default for "
                    "DyDiT checkpoints) or calibrated:L (training-free, keep L of the blocks' FLOPs)")
@@ -252,6 +279,23 @@ def make_parser() -> argparse.ArgumentParser:
     add_backend_arguments(p)
     add_plan_arguments(p)
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("tune", help="choose the plan closest to the baseline under a FLOP or time budget")
+    p.add_argument("bundle")
+    p.add_argument("--target-speedup", type=float, help="budget: baseline FLOPs (or time, --by time) / S")
+    p.add_argument("--budget-flops", type=float, help="budget: FLOPs per run of the calibration batch")
+    p.add_argument("--by", choices=["flops", "time"], default="flops", help="what the target speedup bounds")
+    p.add_argument("--method", choices=["search", "similarity"], default="search",
+                   help="search: try every plan kind the bundle has; similarity: key steps where encoder features "
+                   "change most (one baseline run)")
+    p.add_argument("--seeds", type=int, default=2, help="calibration seeds (each runs every class/prompt)")
+    p.add_argument("--class", dest="class_labels", type=int, nargs="+", help="calibration classes (DiT)")
+    p.add_argument("--prompt", nargs="+", help="calibration prompts (text-to-image)")
+    p.add_argument("--dry-run", action="store_true", help="report only; leave the manifest alone")
+    p.add_argument("--json", action="store_true")
+    add_backend_arguments(p)
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the shipped digits models: every plan's speed and quality side by side")
     p.add_argument("--dir", default="keystep-demo", help="where the bundles (cached) and outputs go")

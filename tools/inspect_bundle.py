@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.plan import plan_flops
 from keystep.runtime.sampler import prepare_run
@@ -30,7 +28,7 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
     # without a backend to ask, show CPU's default (one decoder call per step) unless --parallel is given
     prepared = prepare_run(bundle, options, images, bool(options.parallel), full)
     plan, calls = prepared.plan, prepared.calls
-    baseline = prepare_run(bundle, replace(options, key_steps="all"), images, False, full).calls
+    baseline = prepare_run(bundle, options.with_plan("all"), images, False, full).calls
     total, base_total = plan_flops(calls, flops), plan_flops(baseline, flops)
     description = {
         "bundle": str(bundle.root),
@@ -47,6 +45,9 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
             "images": images,
             "cfg": cfg,
             "key_steps": list(plan.key_steps),
+            "cache": None if prepared.cache is None else {
+                "spec": prepared.cache.spec, "variant": prepared.cache.variant, "start": prepared.cache.start,
+                "full_steps": list(prepared.cache.full_steps)},
             "calls": [
                 {"stage": c.runner, "steps": list(c.steps), "batch": c.batch, "flops": flops(c.runner, c.batch)}
                 for c in calls
@@ -58,6 +59,10 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
     }
     if bundle.width is not None:
         description["width"] = describe_width(bundle, prepared)
+    if bundle.cache_variants:
+        description["cache_variants"] = bundle.cache_variants
+    if "tuned" in bundle.manifest:
+        description["tuned"] = bundle.manifest["tuned"]
     return description
 
 
@@ -108,7 +113,12 @@ def format_description(d: dict) -> str:
         lines.append(f"  {name:<12} {s['bytes'] / 1e6:8.1f} MB  {gf:>9} GFLOP/sample  ({ins}) -> ({outs})")
     p = d["plan"]
     kind = "baseline (full model every step)" if p["baseline"] else f"key steps {p['key_steps']}"
-    lines.append(f"plan    {p['spec']}: {p['num_steps']} steps, {p['images']} image(s), CFG {'on' if p['cfg'] else 'off'}")
+    cache = p["cache"]
+    if cache is not None:
+        kind = (f"{kind} before step {cache['start']}, then " if cache["start"] else "") + (
+            f"cache {cache['variant']}: full steps {cache['full_steps']}, cached stage at the others")
+    lines.append(f"plan    {p['spec']}{'+' + cache['spec'] if cache else ''}: {p['num_steps']} steps, "
+                 f"{p['images']} image(s), CFG {'on' if p['cfg'] else 'off'}")
     lines.append(f"        {kind}")
     lines.append(f"  {'#':>3}  {'stage':<12} {'steps':<10} {'batch':>5}  {'GFLOP':>9}")
     for i, c in enumerate(p["calls"]):
@@ -121,7 +131,25 @@ def format_description(d: dict) -> str:
         )
     if "width" in d:
         lines += format_width(d["width"])
+    for name, v in d.get("cache_variants", {}).items():
+        what = (f"DeepCache branch {v['branch_id']} (block {v['block']}, layer {v['layer']})"
+                if v["kind"] == "deepcache" else f"blocks {v['first']}..{v['last']} skipped, cached residual added")
+        lines.append(f"cache   {name}: {what}")
+    if "tuned" in d:
+        lines += format_tuned(d["tuned"])
     return "\n".join(lines)
+
+
+def format_tuned(t: dict) -> list[str]:
+    """How ``keystep tune`` chose the default plan."""
+    budget = t["budget_flops"] / t["baseline_flops"]
+    measured = sum(x["psnr"] is not None for x in t["trials"])
+    chosen = next(x for x in t["trials"] if x["plan"] == t["chosen"])
+    return [f"tuned   {t['chosen']} by keystep tune --method {t['method']} (budget {budget:.3f} of baseline FLOPs"
+            + (f", measured speedup >= {t['target_speedup']}" if t["by"] == "time" else "") + "):",
+            f"        {len(t['trials'])} plans considered, {measured} within budget measured on "
+            f"{t['calibration']['seeds']} seed(s); chosen: FLOP ratio {chosen['flops_ratio']:.3f}, "
+            f"PSNR {chosen['psnr']:.2f} dB vs baseline, {chosen['speedup']:.2f}x measured"]
 
 
 TOKEN_SELECTION = {

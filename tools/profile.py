@@ -35,9 +35,9 @@ from keystep.runtime.sampler import SamplingError, SamplingOptions
 from .bench_common import cpu_name
 
 # the order stages appear in tables and plots (only those that ran are shown)
-STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "vae_decoder", "host")
-PLAN_STAGES = ("encoder", "decoder", "full")  # the ones inside run_plan's call list
-SPATIAL_STAGES = ("encoder", "decoder", "full", "controlnet", "vae_decoder")  # FLOPs scale with the image area
+STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")
+PLAN_STAGES = ("encoder", "decoder", "full", "cached")  # the ones inside run_plan's call list
+SPATIAL_STAGES = ("encoder", "decoder", "full", "cached", "controlnet", "vae_decoder")  # FLOPs scale with the image area
 
 
 def stage_kind(name: str) -> str:
@@ -45,7 +45,7 @@ def stage_kind(name: str) -> str:
     return name.split(".", 1)[0]
 STAGE_COLOURS = {
     "text_encoder": "#8c564b", "encoder": "#1f77b4", "controlnet": "#9467bd", "decoder": "#ff7f0e",
-    "full": "#2ca02c", "vae_decoder": "#e377c2", "host": "#7f7f7f",
+    "full": "#2ca02c", "cached": "#17becf", "vae_decoder": "#e377c2", "host": "#7f7f7f",
 }
 DEFAULT_PROMPT = "a photo"
 PEAK_SIZE = 1024
@@ -198,19 +198,23 @@ def _plan_name(spec: str, mode: str | None) -> str:
 def resolve_plans(sampler, options: SamplingOptions, plans, both_decoder_modes: bool, images: int) -> list[PlanEntry]:
     """The plans to run, validated up front (a bad spec fails before any timing). The baseline comes first and is
     always included: the speedups are measured against it."""
-    specs = list(plans) if plans else ["all", options.key_steps if options.key_steps is not None else "default"]
+    specs = list(plans) if plans else ["all", options.plan_spec]
     default_mode = options.parallel if options.parallel is not None else sampler.backend.batches_decoders
     modes = [True, False] if both_decoder_modes else [default_mode]
     entries: list[PlanEntry] = []
     for spec in ["all", *specs]:
         for parallel in modes:
-            opts = replace(options, key_steps=spec, parallel=parallel)
-            plan = sampler.prepare(opts, images).plan  # raises PlanError for bad specs / decoder batches
-            mode = None if plan.baseline else ("parallel" if parallel else "sequential")
-            name = _plan_name(plan.spec, mode)
+            opts = replace(options.with_plan(spec), parallel=parallel)
+            prepared = sampler.prepare(opts, images)  # raises PlanError for bad specs / decoder batches
+            plan = prepared.plan
+            decoders = any(c.stage == "decoder" for c in prepared.calls)
+            mode = ("parallel" if parallel else "sequential") if decoders else None
+            label = plan.spec if prepared.cache is None else (
+                prepared.cache.spec if prepared.cache.start == 0 else f"{plan.spec}+{prepared.cache.spec}")
+            name = _plan_name(label, mode)
             if any(e.name == name for e in entries):
                 continue
-            entries.append(PlanEntry(name, opts, plan.spec, plan.baseline, mode))
+            entries.append(PlanEntry(name, opts, label, plan.baseline and prepared.cache is None, mode))
     return entries
 
 

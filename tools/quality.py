@@ -2,7 +2,8 @@
 
     keystep quality BUNDLE [--plan SPEC ...] [--samples 1000] [--json]
 
-* class accuracy: the shipped digit classifier's prediction vs the requested class;
+* class accuracy: the shipped digit classifier's prediction vs the requested class (text-to-image bundles, i.e.
+  digits-sd: the digit the prompt names; prompts cycle through the training templates, tools/digit_prompts.py);
 * digits-FD: Fréchet distance between the classifier's penultimate features of the samples and of the real digits
   (FID's formula with a domain classifier; needs >= 1000 samples to be stable);
 * fidelity: PSNR of each plan's images against the baseline plan's from the same z_T (pixel range [-1, 1]).
@@ -13,7 +14,6 @@ Runs on the runtime alone (numpy + onnxruntime): the classifier ships as ONNX wi
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +66,37 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(data_range**2 / mse)
 
 
+def digits_sampler(bundle: Bundle, backend):
+    """The sampler of a digits bundle: a class-conditional DiT or a text-to-image UNet, pixel space, 1 channel."""
+    cfg = bundle.model_config
+    if bundle.family == "dit" and cfg["in_channels"] == 1:
+        from keystep.runtime.dit_sampler import DiTSampler
+
+        return DiTSampler(bundle, backend)
+    if bundle.family == "unet" and cfg.get("pixel_space") and cfg["in_channels"] == 1:
+        from keystep.runtime.unet_sampler import UNetSampler
+
+        return UNetSampler(bundle, backend)
+    raise SamplingError("keystep quality measures the digits models (1-channel pixel-space DiT or text-to-image "
+                        "UNet bundles, e.g. built from digits-dit or digits-sd)")
+
+
+def sample_digits(sampler, labels: np.ndarray, options, seed: int, first_sample: int = 0):
+    """One sample per requested digit: the class label, or for text-to-image a prompt naming it."""
+    if sampler.family == "unet":
+        from .digit_prompts import prompts_for
+
+        return sampler.sample(prompts_for(labels, first_sample), options, seed=seed)
+    return sampler.sample(labels.tolist(), options, seed=seed)
+
+
 def generate(sampler, options, labels: np.ndarray, seed: int, batch: int = 100, progress=None):
     """Samples for ``labels`` in batches (noise seeded per batch, the same for every plan) -> (images, seconds,
     FLOPs executed). ``progress(done)`` after each batch."""
     out, seconds, flops = [], 0.0, 0
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
-        result = sampler.sample(chunk.tolist(), options, seed=seed + start)
+        result = sample_digits(sampler, chunk, options, seed + start, start)
         out.append(result.latents)
         seconds += result.total_seconds
         flops += sum(f or 0 for f in result.call_flops)
@@ -83,19 +107,16 @@ def generate(sampler, options, labels: np.ndarray, seed: int, batch: int = 100, 
 
 def evaluate(bundle: Bundle, backend, plans: list[str], samples: int = 1000, seed: int = 0, metrics=None,
              progress=None) -> list[dict]:
-    from keystep.runtime.dit_sampler import DiTSampler
     from keystep.runtime.sampler import SamplingOptions
 
-    if bundle.family != "dit" or bundle.model_config["in_channels"] != 1:
-        raise SamplingError("keystep quality measures the digits models (1-channel pixel-space DiT bundles)")
+    sampler = digits_sampler(bundle, backend)
     metrics = metrics or DigitMetrics()
-    sampler = DiTSampler(bundle, backend)
     labels = np.arange(samples) % 10
     base_options = SamplingOptions.from_bundle(bundle)
     rows, baseline = [], None
     for spec in ["all", *[p for p in plans if p != "all"]]:
-        options = replace(base_options, key_steps=spec)
-        sampler.sample([0], options, seed=seed)  # warm-up: sessions
+        options = base_options.with_plan(spec)
+        sample_digits(sampler, np.array([0]), options, seed)  # warm-up: sessions
         images, seconds, flops = generate(sampler, options, labels, seed)
         if baseline is None:
             baseline = images
@@ -120,7 +141,10 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run_quality_command(args, bundle: Bundle, backend) -> int:
-    rows = evaluate(bundle, backend, args.plan or [bundle.default_plan["key_steps"]], args.samples, args.seed)
+    from keystep.runtime.sampler import SamplingOptions
+
+    default = SamplingOptions.from_bundle(bundle).plan_spec
+    rows = evaluate(bundle, backend, args.plan or [default], args.samples, args.seed)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
 
@@ -128,7 +152,8 @@ def run_quality_command(args, bundle: Bundle, backend) -> int:
 def add_quality_arguments(p) -> None:
     p.add_argument("bundle")
     p.add_argument("--plan", action="append",
-                   help="key-step spec to compare with the baseline (repeatable; default: the bundle's default plan)")
+                   help="plan to compare with the baseline: key steps, a cache plan or KEY+CACHE (repeatable; "
+                   "default: the bundle's default plan)")
     p.add_argument("--samples", type=int, default=1000, help="samples per plan (classes cycle 0..9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
