@@ -1,6 +1,7 @@
 """Feature-caching plans: DeepCache (UNet) against the ``deepcache`` package itself, DiT block caching against a
 plain PyTorch loop written here, the combined key-step + caching plan, and the plan grammar's errors."""
 
+import DeepCache  # the reference for DeepCache plans (dev extra: deepcache==0.1.1)
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,6 @@ from keystep.runtime.sampler import SamplingOptions
 from keystep.runtime.unet_sampler import UNetSampler
 from sd_reference import fd_decode, fd_encode
 
-DeepCache = pytest.importorskip("DeepCache", reason="the deepcache package is the reference for DeepCache plans")
 
 PROMPT, NEGATIVE = "a handwritten 7", "blurry"
 BRANCHES = (0, 1, 3, 4)  # the tiny UNet's two blocks x two up layers (id = 3 * block + layer)
