@@ -58,7 +58,10 @@ def interleaved(rows: list[Row], repeats: int) -> None:
                 row.times.append(time.perf_counter() - t0)
 
 
-def plan_rows(sampler, run, plans: dict[str, str], steps: int, guidance: float, backend: str) -> list[Row]:
+def plan_rows(sampler, run, plans: dict[str, str], steps: int, guidance: float, backend: str,
+              flops_scale: float = 1.0) -> list[Row]:
+    """``flops_scale``: the run's image area over the one the manifest counts FLOPs at (linear in the area, as
+    ``keystep profile`` scales them; attention grows faster, so at other sizes the floor is approximate)."""
     from keystep.runtime.sampler import SamplingOptions
 
     base = SamplingOptions.from_bundle(sampler.bundle, num_steps=steps, guidance=guidance)
@@ -66,7 +69,7 @@ def plan_rows(sampler, run, plans: dict[str, str], steps: int, guidance: float, 
     for name, spec in plans.items():
         options = base.with_plan(spec)
         rows.append(Row(name, lambda o=options: run(o).latents, backend,
-                        sampler.plan_flops(sampler.prepare(options, 1)), f"{BASELINE}@{backend}"))
+                        round(sampler.plan_flops(sampler.prepare(options, 1)) * flops_scale), f"{BASELINE}@{backend}"))
     return rows
 
 
@@ -167,10 +170,11 @@ def unet_bench(args, work: Path) -> tuple[str, list[Row]]:
         z_T = sampler.initial_noise(1, size, size, seed=0) if z_T is None else z_T
         tuned = tuned or tuned_plan(sampler, steps, guidance, args.target_speedup, {"prompts": [prompt]})
         run = lambda o, s=sampler: s.sample([prompt], o, height=size, width=size, init_noise=z_T)  # noqa: E731
+        default_h, default_w = sampler.default_size
         rows += plan_rows(sampler, run, {
             BASELINE: "all", "key-step (FasterDiffusion)": "default", f"DeepCache {deep}": deep,
             f"key steps, then DeepCache from step {steps // 3}": f"default+{deep}@{steps // 3}",
-            f"tuned: {tuned}": tuned}, steps, guidance, backend)
+            f"tuned: {tuned}": tuned}, steps, guidance, backend, size * size / (default_h * default_w))
     return f"reduced SD UNet 160/320/640, {size}x{size} px (random weights)", rows
 
 
@@ -188,15 +192,16 @@ def to_markdown(what: str, rows: list[Row], peaks: dict, command: str, repeats: 
         t = median[key]
         base_key = f"{BASELINE}@{row.backend}" if row.backend != "PyTorch" else None
         base_flops = next(r.flops for r in rows if r.name == BASELINE)
-        flops = row.flops if row.flops is not None else base_flops  # eager rows compute the baseline's FLOPs
-        ratio = flops / base_flops
+        # plain eager computes the baseline's FLOPs; eager + deepcache is not counted (its graph is PyTorch's)
+        flops = row.flops if row.flops is not None else (base_flops if row.name == EAGER else None)
+        ratio = "—" if flops is None else f"{flops / base_flops:.3f}"
         floor = f"{flops / (peaks[row.backend] * 1e9):.2f}" if row.backend in peaks else "—"
         fidelity = latent_psnr(row.latents, by_key[row.reference].latents)[0] if row.reference else None
         quality = "—" if fidelity is None or key == row.reference else ("∞" if np.isinf(fidelity) else f"{fidelity:.1f}")
         cells = [row.name, row.backend, f"{t:.3f}", f"{min(row.times):.3f}–{max(row.times):.3f}", f"{eager / t:.2f}×"]
         if deepcache:
             cells.append(f"{median[deepcache] / t:.2f}×")
-        cells += [f"{median[base_key] / t:.2f}×" if base_key in median else "—", f"{ratio:.3f}", floor, quality]
+        cells += [f"{median[base_key] / t:.2f}×" if base_key in median else "—", ratio, floor, quality]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
