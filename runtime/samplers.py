@@ -6,11 +6,15 @@ from .backends.base import Backend
 from .bundle import Bundle
 
 
-def sampler_for(bundle: Bundle, backend: Backend):
+def sampler_class(bundle: Bundle) -> type:
     if bundle.family == "unet":
         from .unet_sampler import UNetSampler
 
-        return UNetSampler(bundle, backend)
+        return UNetSampler
     from .dit_sampler import DiTSampler
 
-    return DiTSampler(bundle, backend)
+    return DiTSampler
+
+
+def sampler_for(bundle: Bundle, backend: Backend):
+    return sampler_class(bundle)(bundle, backend)

@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     tables = run(args)
-    if args.markdown:
+    if args.markdown:  # run() printed them as it went
         Path(args.markdown).write_text("\n\n".join(tables) + "\n")
     return 0
 

@@ -97,7 +97,11 @@ def to_markdown(r: dict, command: str, what: str) -> str:
 
 def report(r: dict, command: str, what: str, markdown: str | None) -> None:
     """Print the table (and the build time) and write it to ``markdown`` when given."""
-    text = to_markdown(r, command, what) + f"\nBundle build: {r['build_seconds']:.1f} s."
+    emit(to_markdown(r, command, what) + f"\nBundle build: {r['build_seconds']:.1f} s.", markdown)
+
+
+def emit(text: str, markdown: str | None) -> None:
+    """Print a benchmark's report and, when asked, write it to a Markdown file too."""
     print(text)
     if markdown:
         Path(markdown).write_text(text + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_common import cpu_name
+from .bench_common import cpu_name, emit
 
 # row -> (bundle, key-step spec)
 ROWS = {
@@ -54,7 +54,7 @@ def run(model: str, backend: str, steps: int, repeats: int, work: Path) -> dict:
     samplers = {name: DiTSampler(Bundle.load(path), runtime) for name, path in paths.items()}
     z_T = samplers["dense"].initial_noise(1, seed=0)
     times = {row: [] for row in ROWS}
-    flops, latents, tokens = {}, {}, {}
+    flops, latents = {}, {}
     for i in range(repeats + 1):  # round 0 warms up every engine
         for row, (bundle, spec) in ROWS.items():
             sampler = samplers[bundle]
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
     command = (f"python -m keystep.tools.bench_dydit --model {args.model} --backend {args.backend} "
                f"--steps {args.steps} --repeats {args.repeats}")
     text = to_markdown(r, command)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    emit(text, args.markdown)
     return 0
 
 

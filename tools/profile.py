@@ -99,10 +99,9 @@ class TimingMixin:
 
 
 def profiled_sampler(bundle: Bundle, backend):
-    if bundle.family == "unet":
-        from keystep.runtime.unet_sampler import UNetSampler as base
-    else:
-        from keystep.runtime.dit_sampler import DiTSampler as base
+    from keystep.runtime.samplers import sampler_class
+
+    base = sampler_class(bundle)
     cls = type(f"Profiled{base.__name__}", (TimingMixin, base), {})
     return cls(bundle, backend)
 

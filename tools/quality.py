@@ -68,15 +68,12 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:
 
 def digits_sampler(bundle: Bundle, backend):
     """The sampler of a digits bundle: a class-conditional DiT or a text-to-image UNet, pixel space, 1 channel."""
+    from keystep.runtime.samplers import sampler_for
+
     cfg = bundle.model_config
-    if bundle.family == "dit" and cfg["in_channels"] == 1:
-        from keystep.runtime.dit_sampler import DiTSampler
-
-        return DiTSampler(bundle, backend)
-    if bundle.family == "unet" and cfg.get("pixel_space") and cfg["in_channels"] == 1:
-        from keystep.runtime.unet_sampler import UNetSampler
-
-        return UNetSampler(bundle, backend)
+    pixels = bundle.family == "dit" or cfg.get("pixel_space")
+    if pixels and cfg["in_channels"] == 1:
+        return sampler_for(bundle, backend)
     raise SamplingError("keystep quality measures the digits models (1-channel pixel-space DiT or text-to-image "
                         "UNet bundles, e.g. built from digits-dit or digits-sd)")
 

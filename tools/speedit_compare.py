@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_common import emit
 from .timestep_sampling import SAMPLERS
 
 
@@ -89,9 +90,7 @@ def main(argv=None) -> int:
     command = (f"python -m keystep.tools.speedit_compare --iters {args.iters} --every {args.every} "
                f"--samples {args.samples}")
     text = to_markdown(results, command, args.samples)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    emit(text, args.markdown)
     return 0
 
 
