@@ -15,6 +15,7 @@ from .dit_cache import BlockRange
 from .dit_export import dit_stages, dit_width_stages
 from .dit_loaders import load_dit
 from .errors import ModelLoadError
+from .stage_precision import PrecisionPlan
 from .tokenizer_asset import tokenizer_asset
 from .width_build import WidthPlan
 
@@ -91,8 +92,10 @@ def build_dit_bundle(
     max_profiles: int = 8,
     token_skip: str = "gather",
     cache: str | None = None,
+    precision: str | None = None,
     progress=print,
 ) -> Path:
+    precisions = PrecisionPlan.parse(precision)
     loaded = load_dit(model, num_heads=num_heads)
     cached = parse_cache_variants(cache, "dit")
     cfg = loaded.model.config
@@ -125,10 +128,11 @@ def build_dit_bundle(
     if cached:
         fields["cache"] = cache_manifest(cached)
     if width == "none":
-        return write_bundle(Path(out), stages, fields, progress=progress)
+        return write_bundle(Path(out), stages, fields, progress=progress, precision=precisions)
     fields["width"] = plan.manifest()
     with tempfile.TemporaryDirectory() as scratch:
-        return write_bundle(Path(out), stages, fields, progress=progress, assets={"width": plan.save_masks(Path(scratch))})
+        return write_bundle(Path(out), stages, fields, progress=progress, assets={"width": plan.save_masks(Path(scratch))},
+                            precision=precisions)
 
 
 UNET_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.5}  # FasterDiffusion's SD setting: t < 500
@@ -144,8 +148,10 @@ def build_unet_bundle(
     key_steps: str | None = None,
     guidance: float | None = None,
     cache: str | None = None,
+    precision: str | None = None,
     progress=print,
 ) -> Path:
+    precisions = PrecisionPlan.parse(precision)
     from .unet_export import load_controlnet, load_sd_pipeline_dir, unet_model_config, unet_stages
 
     entry = shipped(model)  # a shipped model's tuned default plan (docs/models.md), unless the caller says otherwise
@@ -170,7 +176,8 @@ def build_unet_bundle(
     stages = unet_stages(loaded, control, branches)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = tokenizer_asset(loaded.tokenizer_dir, Path(scratch))
-        return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": tokenizer})
+        return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": tokenizer},
+                            precision=precisions)
 
 
 def is_unet_pipeline(model: str) -> bool:

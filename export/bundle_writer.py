@@ -18,6 +18,7 @@ from keystep.graphs.flops import flops_per_sample
 from keystep.runtime.bundle import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
 
 from .dit_export import StageDef, parse_dim
+from .stage_precision import PrecisionPlan, convert_stage
 
 ONNX_OPSET = 18
 SAMPLE_BATCH = 2
@@ -133,13 +134,16 @@ def stage_manifest_entry(stage: StageDef, files: list[Path], root: Path) -> dict
 
 
 def write_bundle(
-    out: Path, stages: list[StageDef], manifest_fields: dict, progress=print, assets: dict[str, Path] | None = None
+    out: Path, stages: list[StageDef], manifest_fields: dict, progress=print, assets: dict[str, Path] | None = None,
+    precision: PrecisionPlan = PrecisionPlan(),
 ) -> Path:
     """Export every stage into a temp dir next to ``out``, write the manifest, then rename into place.
 
     ``assets`` are directories copied into the bundle under their name (e.g. the tokenizer), hashed like stages.
+    ``precision`` says which stages are converted to fp16/bf16 after their export (the manifest records it).
     A failure at any point removes the temp dir, so ``out`` is either the complete new bundle or untouched.
     """
+    converted = precision.resolve([s.name for s in stages])  # a bad stage name fails before any export
     out = Path(out).resolve()
     if out.exists() and not (out / MANIFEST_NAME).is_file():
         raise FileExistsError(f"{out} exists and is not a bundle; refusing to replace it")
@@ -150,7 +154,14 @@ def write_bundle(
         for stage in stages:
             progress(f"exporting stage {stage.name} ...")
             files = export_stage(stage, tmp)
+            report = None
+            if stage.name in converted:
+                progress(f"converting stage {stage.name} to {converted[stage.name]} ...")
+                sizes = {"batch": SAMPLE_BATCH, **stage.trace_sizes}
+                report = convert_stage(stage, files[0], converted[stage.name], sizes)
             entries[stage.name] = stage_manifest_entry(stage, files, tmp)
+            if report:
+                entries[stage.name]["precision"] = report
         copied = {}
         for name, src in (assets or {}).items():
             shutil.copytree(src, tmp / name)

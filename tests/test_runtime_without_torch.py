@@ -1,4 +1,4 @@
-"""The runtime must import and run a bundle with torch/diffusers/transformers unimportable."""
+"""The runtime must import and run a bundle with torch/diffusers/transformers/onnx unimportable."""
 
 import subprocess
 import sys
@@ -11,15 +11,18 @@ def test_runtime_runs_a_bundle_without_torch(tiny_bundle, tmp_path):
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+                if name.split(".")[0] in ("torch", "diffusers", "transformers", "onnx"):
                     raise ImportError("blocked for this test: " + name)
         sys.meta_path.insert(0, Block())
         import keystep.runtime
+        # the GPU backends and the engine plan import without torch or onnx (TensorRT itself is imported lazily)
+        import keystep.runtime.engine_plan, keystep.runtime.backends.tensorrt, keystep.runtime.backends.cuda
+        import keystep.runtime.backends.onnxruntime_gpu
         from keystep.tools.cli import main
         rc = main(["generate", {str(tiny_bundle)!r}, "--class", "1", "--steps", "4",
                    "--save-latents", {str(tmp_path / "z.npy")!r}])
         assert rc == 0, rc
-        assert not any(m.split(".")[0] in ("torch", "diffusers", "transformers") for m in sys.modules)
+        assert not any(m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx") for m in sys.modules)
         print("OK")
         """
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keystep.runtime.backends.base import BackendError
+from keystep.runtime.backends.base import BackendError, backend_names
 from keystep.runtime.bundle import Bundle, BundleError
 from keystep.runtime.dit_sampler import DiTSampler
 from keystep.runtime.sampler import SamplingError, SamplingOptions
@@ -32,7 +32,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .profile import ProfileError
     from .tune import TuneError
 
-    errors += [ProfileError, TuneError]
+    from keystep.runtime.engine_plan import EnginePlanError
+
+    errors += [ProfileError, TuneError, EnginePlanError]
+    try:  # the engine builder needs onnx (export extra)
+        from keystep.graphs.trt_build import EngineBuildError
+
+        errors.append(EngineBuildError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 
@@ -52,9 +60,15 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
+    p.add_argument("--backend", default="onnxruntime", choices=backend_names())
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
     p.add_argument("--precision", choices=["f32", "bf16"], help="openvino inference precision hint (default f32)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device (GPU backends)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="GPU backends: plain execution instead of one CUDA graph per distinct call")
+
+
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt")
 
 
 def backend_from_args(args):
@@ -65,6 +79,8 @@ def backend_from_args(args):
         if args.backend != "openvino":
             raise BackendError("--precision applies to --backend openvino (ONNX Runtime runs the graph's own types)")
         options["precision"] = args.precision
+    if args.backend in GPU_BACKENDS:
+        options.update(device_id=args.device, cuda_graphs=args.cuda_graphs)
     return get_backend(args.backend, **options)
 
 
@@ -87,6 +103,8 @@ def cmd_build(args) -> int:
         from keystep.export.build import build_bundle
     except ImportError as exc:
         raise SystemExit(f"keystep build needs the export extra (pip install 'keystep[export]'): {exc}") from exc
+    # check TensorRT and the GPU before exporting: a missing one fails in a second, not after the export
+    environment = _trt_environment(args) if args.backend == "tensorrt" else None
     options = {} if args.guidance is None else {"guidance": args.guidance}
     width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip,
              "cache": args.cache}
@@ -101,10 +119,13 @@ def cmd_build(args) -> int:
         steps=args.steps,
         key_steps=args.key_steps,
         num_heads=args.num_heads,
+        precision=args.precision,
         progress=lambda msg: print(msg, file=sys.stderr),
         **options,
     )
     print(f"wrote bundle {out}")
+    if environment is not None:
+        return build_engines_from_args(out, args, environment)
     return 0
 
 
@@ -182,6 +203,47 @@ def cmd_demo(args) -> int:
     return run_demo(args.dir, steps=args.steps, samples=args.samples)
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TensorRT engines")
+    g.add_argument("--engine-plan", dest="engine_plans", action="append",
+                   help="a plan the engines must serve (repeatable; default: the bundle's default plan and 'all'); "
+                   "each engine's batch profile spans these plans' calls")
+    g.add_argument("--engine-images", type=int, nargs="+", default=[1], help="images per generate call to serve")
+    g.add_argument("--engine-max-decoder-batch", type=int, help="largest decoder batch the runs will use")
+    g.add_argument("--engine-height", type=int, help="image height in pixels (UNet; default the model's)")
+    g.add_argument("--engine-width", type=int, help="image width in pixels (UNet; default the model's)")
+    g.add_argument("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 for float32 layers")
+    g.add_argument("--refit", action="store_true", help="build refittable engines (weights swappable; slower)")
+    g.add_argument("--timing-cache", help="TensorRT timing cache file to load and update (development builds)")
+    g.add_argument("--device", type=int, default=0, help="CUDA device")
+
+
+def build_engines_from_args(bundle_dir, args, environment=None) -> int:
+    from keystep.graphs.trt_build import EngineBuildOptions, build_engines
+    from keystep.runtime.engine_plan import EngineTargets
+
+    bundle = Bundle.load(bundle_dir)
+    scale = bundle.model_config.get("vae_scale_factor", 1)
+    sizes = {axis: px // scale for axis, px in (("height", args.engine_height), ("width", args.engine_width)) if px}
+    targets = EngineTargets(tuple(args.engine_plans or ("default", "all")), tuple(args.engine_images),
+                            args.engine_max_decoder_batch)
+    options = EngineBuildOptions(args.opt_level, args.tf32, args.refit, args.timing_cache)
+    index = build_engines(bundle_dir, targets, options, sizes, environment or _trt_environment(args))
+    print(f"{len(index.engines)} TensorRT {index.tensorrt_version} engines for {index.gpu} in {bundle_dir}/engines")
+    return 0
+
+
+def _trt_environment(args):
+    from keystep.graphs.trt_build import tensorrt_environment
+
+    return tensorrt_environment(args.device)
+
+
+def cmd_engines(args) -> int:
+    return build_engines_from_args(args.bundle, args)
+
+
 def cmd_models(args) -> int:
     from keystep.models import SHIPPED
 
@@ -218,6 +280,23 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from keystep.graphs.trt_check import check_tensorrt, format_issues
+
+    bundle = Bundle.load(args.bundle)
+    names = [bundle.stage(args.stage).name] if args.stage else list(bundle.stages)
+    report = {name: check_tensorrt(bundle.stage(name).path, tuple(args.static_axes)) for name in names}
+    if args.json:
+        print(json.dumps({name: [i.to_dict() for i in issues] for name, issues in report.items()}, indent=2))
+    else:
+        for name, issues in report.items():
+            errors = sum(i.severity == "error" for i in issues)
+            print(f"{name}: {errors} errors, {len(issues) - errors} warnings")
+            if issues:
+                print("  " + format_issues(issues).replace("\n", "\n  "))
+    return 1 if any(i.severity == "error" for issues in report.values() for i in issues) else 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keystep", description="Deployment compiler for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +314,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="feature-caching stages to build: deep:ID[,ID...] (UNet, DeepCache branch ids "
                    "as in the deepcache package) or blocks:FIRST-LAST[,...] (DiT, block ranges skipped at cached steps)")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
+    p.add_argument("--precision", help="stage graph precision: fp32 (default), fp16 or bf16 (every stage but the VAE; "
+                   "norms, softmax and sin/cos stay fp32) or per stage, e.g. encoder=fp16,decoder=bf16")
     p.add_argument("--width", help="width profiles: none (dense), dydit (the checkpoint's routers; the default for "
                    "DyDiT checkpoints) or calibrated:L (training-free, keep L of the blocks' FLOPs)")
     p.add_argument("--max-profiles", type=int, help="most engines per stage; more distinct masks are merged "
@@ -242,8 +323,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-skip", nargs="?", const="gather", choices=["gather", "dense"],
                    help="DyDiT token selection (on by default): gather = MLP on selected tokens only, "
                    "dense = 0/1 masking")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="tensorrt: also build the TensorRT engines (see `keystep engines`); needs TensorRT and a GPU")
     p.add_argument("--no-token-skip", dest="token_skip", action="store_const", const="off",
                    help="drop the token routers (an approximation of a DyDiT checkpoint)")
+    add_engine_arguments(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="sample images from a bundle")
@@ -271,6 +355,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     add_plan_arguments(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("check", help="TensorRT compatibility of each stage graph: unsupported ops/dtypes (errors), "
+                       "shapes that block CUDA graphs (warnings); exit 1 on any error")
+    p.add_argument("bundle")
+    p.add_argument("--stage", help="check this stage only")
+    p.add_argument("--static-axes", nargs="+", default=["batch"], metavar="AXIS",
+                   help="symbolic axes that will be fixed per CUDA graph, not warned about (default: batch)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("profile", help="time each stage of each plan, with speedups and the hardware floor")
     from .profile import add_profile_arguments
@@ -302,6 +395,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--samples", type=int, default=200, help="samples per plan")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("engines", help="build a bundle's TensorRT engines (on the GPU machine; cached by graph, "
+                       "options, TensorRT version and GPU)")
+    p.add_argument("bundle")
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_engines)
 
     p = sub.add_parser("models", help="list the shipped models (usable wherever a model path is accepted)")
     p.set_defaults(func=cmd_models)

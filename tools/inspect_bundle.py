@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from keystep.runtime.bundle import Bundle
+from keystep.runtime.engine_plan import EngineIndex, EnginePlanError, buffer_plan, call_shapes, free_axes
 from keystep.runtime.plan import plan_flops
 from keystep.runtime.sampler import prepare_run
 from keystep.runtime.width import UnitFlops
@@ -18,6 +19,7 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
             "inputs": entry["inputs"],
             "outputs": entry["outputs"],
             "gflops_per_sample": None if spec.flops_per_sample is None else spec.flops_per_sample / 1e9,
+            "precision": entry.get("precision"),  # absent: an fp32 graph
         }
 
     def flops(stage: str, batch: int):
@@ -63,7 +65,43 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
         description["cache_variants"] = bundle.cache_variants
     if "tuned" in bundle.manifest:
         description["tuned"] = bundle.manifest["tuned"]
+    description["gpu"] = describe_gpu(bundle, options, images)
     return description
+
+
+def describe_gpu(bundle: Bundle, options, images: int) -> dict:
+    """What the plan costs a GPU backend: one CUDA graph and one set of I/O buffers per distinct call (decoders
+    batched per group, as GPU backends run them), and the bundle's TensorRT engines if built."""
+    calls = call_shapes(prepare_run(bundle, options, images, True, "full" in bundle.stages).calls)
+    try:
+        index = EngineIndex.load(bundle.root)
+    except EnginePlanError:
+        index = None
+    axes = index.axes if index else _axes_without_engines(bundle)
+    try:
+        buffers = None if axes is None else sum(b.bytes for b in buffer_plan(bundle, calls, axes))
+    except EnginePlanError:
+        buffers = None
+    return {
+        "cuda_graphs": len(calls),
+        "calls": [f"{c.runner}@{c.batch}" for c in calls],
+        "io_buffer_bytes": buffers,
+        "engines": None if index is None else {
+            "tensorrt": index.tensorrt_version, "gpu": index.gpu, "targets": index.targets,
+            "stages": {k: {"file": e.file, "min": e.profile["min"], "opt": e.profile["opt"], "max": e.profile["max"]}
+                       for k, e in index.engines.items()}},
+    }
+
+
+def _axes_without_engines(bundle: Bundle) -> dict | None:
+    """Non-batch axis sizes by shape inference (needs onnx); None where that is not installed."""
+    if not free_axes(bundle):
+        return {}
+    try:
+        from keystep.graphs.trt_build import bundle_axes
+    except ImportError:
+        return None
+    return bundle_axes(bundle)
 
 
 def describe_width(bundle: Bundle, prepared) -> dict:
@@ -111,6 +149,8 @@ def format_description(d: dict) -> str:
         outs = ", ".join(f"{o['name']}{list(o['shape'])}" for o in s["outputs"])
         gf = "?" if s["gflops_per_sample"] is None else f"{s['gflops_per_sample']:.3f}"
         lines.append(f"  {name:<12} {s['bytes'] / 1e6:8.1f} MB  {gf:>9} GFLOP/sample  ({ins}) -> ({outs})")
+        if s.get("precision"):
+            lines.append(format_precision(s["precision"]))
     p = d["plan"]
     kind = "baseline (full model every step)" if p["baseline"] else f"key steps {p['key_steps']}"
     cache = p["cache"]
@@ -137,7 +177,32 @@ def format_description(d: dict) -> str:
         lines.append(f"cache   {name}: {what}")
     if "tuned" in d:
         lines += format_tuned(d["tuned"])
+    lines += format_gpu(d["gpu"])
     return "\n".join(lines)
+
+
+def format_gpu(g: dict) -> list[str]:
+    buffers = "?" if g["io_buffer_bytes"] is None else f"{g['io_buffer_bytes'] / 2**20:.1f} MiB"
+    lines = [f"gpu     {g['cuda_graphs']} CUDA graphs (one per distinct call, decoders batched): "
+             f"{', '.join(g['calls'])}; I/O buffers {buffers}"]
+    engines = g["engines"]
+    if engines is None:
+        lines.append("        no TensorRT engines built (keystep engines BUNDLE, on the GPU machine)")
+        return lines
+    lines.append(f"        TensorRT {engines['tensorrt']} engines for {engines['gpu']}:")
+    for name, e in engines["stages"].items():
+        lines.append(f"          {name:<12} batch {e['min']}..{e['max']} (opt {e['opt']})  {e['file']}")
+    return lines
+
+
+def format_precision(p: dict) -> str:
+    """One stage's precision and its error vs the fp32 graph (the worst output)."""
+    errors = p["error_vs_fp32"]["outputs"].values()
+    compute = (f"; {p['fp32_compute_nodes']} nodes compute fp32 on {p['type']} tensors "
+               f"({', '.join(p['fp32_compute_ops'])})" if p["fp32_compute_nodes"] else "")
+    return (f"  {'':<12} {p['type']}: fp32 islands {p['fp32_nodes']} nodes ({', '.join(p['fp32_ops'])}){compute}; "
+            f"vs fp32 on {p['error_vs_fp32']['measured_on']}: rel L2 {max(e['rel_l2'] for e in errors):.2e}, "
+            f"max abs {max(e['max_abs'] for e in errors):.2e}")
 
 
 def format_tuned(t: dict) -> list[str]:

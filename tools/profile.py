@@ -318,6 +318,8 @@ def profile_bundle(
         "peak": peak,
         "baseline": base["name"],
         "plans": plans_out,
+        # GPU backends: CUDA graphs captured, fallbacks, device memory for I/O buffers and shared activations
+        "gpu": backend.stats() if hasattr(backend, "stats") else None,
     }
 
 
@@ -586,12 +588,20 @@ def _header_lines(d: dict) -> list[str]:
     ]
     if d.get("flops_note"):
         lines.append(f"  note: {d['flops_note']}")
+    if d.get("gpu"):
+        lines.append("  gpu: " + ", ".join(f"{k.replace('_', ' ')} {_gpu_value(k, v)}" for k, v in d["gpu"].items()))
     if d.get("width"):
         w = d["width"]
         lines.append(f"  width profiles {w['spec']}, token selection {w['token_selection']}"
                      + (" - APPROXIMATION: the checkpoint's token routers are dropped" if w["approximation"] else "")
                      + "; FLOPs as executed")
     return lines
+
+
+def _gpu_value(key: str, value) -> str:
+    if key.endswith("bytes"):
+        return f"{value / 2**20:.1f} MiB"
+    return ", ".join(value) or "none" if isinstance(value, list) else str(value)
 
 
 def _text_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:

@@ -67,7 +67,15 @@ def import_optional(module: str, backend: str, install: str):
 _BACKENDS = {
     "onnxruntime": ("keystep.runtime.backends.onnxruntime", "OnnxRuntimeBackend"),
     "openvino": ("keystep.runtime.backends.openvino", "OpenVINOBackend"),
+    "onnxruntime-cuda": ("keystep.runtime.backends.onnxruntime_gpu", "OnnxRuntimeCudaBackend"),
+    "onnxruntime-tensorrt": ("keystep.runtime.backends.onnxruntime_gpu", "OnnxRuntimeTensorRTBackend"),
+    "tensorrt": ("keystep.runtime.backends.tensorrt", "TensorRTBackend"),
 }
+
+
+def backend_names() -> list[str]:
+    """Every registered backend, installed here or not (the CLI's --backend choices)."""
+    return list(_BACKENDS)
 
 
 def get_backend(name: str, **options) -> Backend:
