@@ -13,6 +13,7 @@ from keystep.export.build import build_dit_bundle
 from keystep.export.errors import ModelLoadError
 from keystep.export.stage_precision import ORT_CPU_BF16_KERNELS, ORT_CPU_LOW_KERNELS, PrecisionPlan, output_error
 from keystep.graphs.precision import convert_precision
+from keystep.runtime.bundle import Bundle
 from keystep.tools.cli import main
 
 FP16, BF16, FLOAT = TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT
@@ -45,14 +46,18 @@ def dit_full(tiny_bundle):
 
 
 @pytest.fixture(scope="module")
-def unet_decoder(sd_dir, tmp_path_factory):
-    """The tiny UNet's decoder stage (up blocks: GroupNorm, Conv, Resize, attention, sin/cos time embedding)."""
-    from keystep.export.bundle_writer import SAMPLE_BATCH, export_stage
-    from keystep.export.unet_export import load_sd_pipeline_dir, unet_stages
+def unet_decoder(sd_bundle_dir):
+    """The tiny UNet's decoder stage (up blocks: GroupNorm, Conv, Resize, attention, sin/cos time embedding) from the
+    session's SD bundle, and seeded inputs at the model's size (timesteps over the training range)."""
+    from keystep.graphs.trt_build import bundle_axes
 
-    stage = next(s for s in unet_stages(load_sd_pipeline_dir(sd_dir)) if s.name == "decoder")
-    path = export_stage(stage, tmp_path_factory.mktemp("unet"))[0]
-    return stage, onnx.load(str(path)), {"batch": SAMPLE_BATCH, **stage.trace_sizes}
+    bundle = Bundle.load(sd_bundle_dir)
+    spec = bundle.stage("decoder")
+    sizes = {**bundle_axes(bundle), "batch": 2}
+    rng = np.random.default_rng(0)
+    feeds = {io.name: (rng.uniform(0, 1000, io.concrete(sizes)) if io.name == "timestep"
+                       else rng.standard_normal(io.concrete(sizes))).astype(np.float32) for io in spec.inputs}
+    return onnx.load(str(spec.path)), feeds
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -132,9 +137,7 @@ def test_ort_cpu_runs_the_listed_bf16_kernels(op):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_unet_decoder_numerics(unet_decoder, precision):
-    from keystep.export.stage_precision import error_inputs
-
-    stage, model, sizes = unet_decoder
+    model, feeds = unet_decoder
     converted, report = convert_precision(model, precision, low_kernels=ORT_CPU_LOW_KERNELS[precision])
     onnx.checker.check_model(converted, full_check=True)
     types = tensor_types(converted)
@@ -143,7 +146,6 @@ def test_unet_decoder_numerics(unet_decoder, precision):
     convs = [n for n in converted.graph.node if n.op_type == "Conv"]
     conv_weights = {n.input[1] for n in convs}
     assert all(t.data_type == LOW[precision] for t in converted.graph.initializer if t.name in conv_weights)
-    feeds = error_inputs(stage, sizes)
     (reference,), (value,) = run(model, feeds), run(converted, feeds)
     assert 1e-6 < output_error(value, reference)["rel_l2"] < TOLERANCE[precision]
 
