@@ -180,3 +180,21 @@ def test_engine_build_without_tensorrt_fails_clearly(tiny_bundle, tmp_path):
     with pytest.raises(EngineBuildError, match="tensorrt package"):
         build_engines(root, EngineTargets(), progress=lambda m: None)
     assert not (root / "engines").exists()
+
+
+def test_cli_engine_commands_without_tensorrt_fail_before_any_work(tiny_bundle, tmp_path, capsys):
+    from keystep.tools.cli import main
+
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    root = copy_bundle(tiny_bundle, tmp_path)
+    assert main(["engines", str(root)]) == 2
+    assert "tensorrt package" in capsys.readouterr().err and not (root / "engines").exists()
+    out = tmp_path / "new"
+    assert main(["build", "random:dit-tiny", "--out", str(out), "--backend", "tensorrt"]) == 2
+    assert "tensorrt package" in capsys.readouterr().err and not out.exists()
+    assert main(["generate", str(root), "--backend", "tensorrt"]) == 2
+    assert "tensorrt" in capsys.readouterr().err
