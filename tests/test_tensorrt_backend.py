@@ -320,3 +320,18 @@ def test_gpu_check_without_a_gpu_exits_2(capsys):
 
     assert main([]) == 2
     assert "tensorrt package" in capsys.readouterr().err
+
+
+def test_width_bundles_get_one_engine_per_profile_and_run_through_them(dydit_bundle, tmp_path):
+    root = tmp_path / "width"
+    shutil.copytree(dydit_bundle, root)
+    index = build_engines(root, EngineTargets(plans=("default",), images=(1,)), environment=ENV,
+                          compile_engine=compile_to_onnx_bytes, progress=lambda m: None)
+    bundle = Bundle.load(root)
+    reference = sample(bundle, get_backend("onnxruntime"), labels=(2,))[0]
+    used = {c.runner for c in reference.prepared.calls}
+    assert set(index.engines) == used and len(used) > 2  # every width profile the plan uses, nothing else
+    backend, _ = fake_backend(FakeCuda())
+    results = sample(bundle, backend, labels=(2,), runs=2)
+    for result in results:
+        np.testing.assert_allclose(result.latents, reference.latents, rtol=1e-5, atol=1e-5)
