@@ -109,7 +109,6 @@ def polygraphy_config(shapes: dict[str, tuple], options: EngineBuildOptions):
 
 def polygraphy_compile(onnx_path: Path, shapes: dict[str, tuple], options: EngineBuildOptions) -> bytes:
     """Serialized engine bytes for one ONNX graph and its profile (Polygraphy's Python API, no shell-outs)."""
-    import tensorrt as trt
     from polygraphy.backend.trt import engine_bytes_from_network, network_from_onnx_path
 
     _, config = polygraphy_config(shapes, options)
