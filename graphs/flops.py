@@ -709,6 +709,13 @@ def count_flops(model_or_path: "str | os.PathLike | onnx.ModelProto",
     return _count_bound(_bind_inputs(skel, input_shapes), strict)
 
 
+def inferred_shapes(model_or_path: "str | os.PathLike | onnx.ModelProto",
+                    input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Every tensor's shape at concrete input shapes (the same inference the counter uses; weights never loaded)."""
+    shapes, _ = _infer_concrete(_bind_inputs(_load_skeleton(model_or_path), input_shapes))
+    return shapes
+
+
 def flops_per_sample(model_or_path: "str | os.PathLike | onnx.ModelProto",
                      input_shapes_for_batch: Callable[[int], dict],
                      *, strict: bool = True) -> LinearFlops:

@@ -59,7 +59,7 @@ def bundle_axes(bundle: Bundle, sizes: dict[str, int] | None = None) -> dict[str
     bound is shape-inferred and its outputs bind further axes (the UNet encoder's skips give the per-level sizes).
     UNet bundles default height/width to the model's latent sample size, and an axis named like a model_config
     field (text_len) to that field."""
-    from keystep.graphs.flops import _bind_inputs, _infer_concrete, _load_skeleton
+    from keystep.graphs.flops import inferred_shapes
     from keystep.runtime.bundle import parse_dim
 
     axes = dict(sizes or {})
@@ -79,9 +79,7 @@ def bundle_axes(bundle: Bundle, sizes: dict[str, int] | None = None) -> dict[str
             break
         for name in ready:
             spec = pending.pop(name)
-            bound = _bind_inputs(_load_skeleton(spec.path), {io.name: io.concrete({**axes, "batch": 1})
-                                                             for io in spec.inputs})
-            shapes, _ = _infer_concrete(bound)
+            shapes = inferred_shapes(spec.path, {io.name: io.concrete({**axes, "batch": 1}) for io in spec.inputs})
             for io in spec.outputs:
                 for dim, got in zip(io.shape, shapes.get(io.name, ())):
                     if isinstance(dim, str) and isinstance(got, int):
@@ -156,7 +154,8 @@ def build_engines(
             start = time.perf_counter()
             write_atomic(path, compile_stage(spec.path, shapes, tuple(axes), options, compile_engine, progress))
             progress(f"{bar(i, len(profiles))} {stage}: {batches}, built in {time.perf_counter() - start:.1f} s")
-        index.engines[stage] = EngineEntry(stage, path.name, key, onnx_sha, {**profile.to_dict(), **build_options},
+        index.engines[stage] = EngineEntry(stage, path.name, key, onnx_sha,
+                                           {**profile.to_dict(), "shapes": build_options["shapes"]},
                                            options.key_fields(), sha256_file(path))
     index.save(root)
     used = {e.file for e in index.engines.values()}

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle import Bundle, IOSpec, StageSpec
+from .bundle import Bundle, IOSpec, StageSpec, parse_dim
 from .plan import StageCall
 from .sampler import SamplingOptions, prepare_run
 
@@ -100,20 +100,16 @@ class EngineTargets:
     images: tuple[int, ...] = (1,)
     max_decoder_batch: int | None = None
 
-    def runs(self, bundle: Bundle) -> list[tuple[str, int, list[StageCall]]]:
-        """(plan, images, calls) of every target run, decoders batched per group as GPU backends run them."""
+    def call_list(self, bundle: Bundle) -> list[CallShape]:
+        """Every call of every target run (with repeats; decoders batched per group, as GPU backends run them), plus
+        the once-per-generate stages' calls."""
         base = SamplingOptions.from_bundle(bundle, max_decoder_batch=self.max_decoder_batch)
         full = "full" in bundle.stages
-        out = []
+        calls = []
         for spec in self.plans:
             options = base if spec == "default" else base.with_plan(spec)
             for images in self.images:
-                out.append((options.plan_spec, images, prepare_run(bundle, options, images, True, full).calls))
-        return out
-
-    def call_list(self, bundle: Bundle) -> list[CallShape]:
-        """Every call of every target run (with repeats), plus the once-per-generate stages' calls."""
-        calls = [CallShape(c.runner, c.batch) for _, _, run in self.runs(bundle) for c in run]
+                calls += [CallShape(c.runner, c.batch) for c in prepare_run(bundle, options, images, True, full).calls]
         cfg = bundle.default_plan.get("guidance", 1.0) > 1
         for images in self.images:
             for stage, rows in (("text_encoder", images), ("vae_decoder", images),
@@ -178,8 +174,6 @@ def buffer_plan(bundle: Bundle, calls: list[CallShape], axes: dict[str, int]) ->
 
 def free_axes(bundle: Bundle) -> set[str]:
     """Symbolic axes other than ``batch`` in the bundle's stage I/O (UNet: height, width, per-level sizes, ...)."""
-    from .bundle import parse_dim
-
     names = set()
     for spec in bundle.stages.values():
         for io in spec.inputs + spec.outputs:
@@ -204,7 +198,7 @@ class EngineEntry:
     file: str  # relative to the engine directory
     key: str
     onnx_sha256: str
-    profile: dict  # EngineProfile.to_dict() + per-input shapes
+    profile: dict  # EngineProfile.to_dict() + per-input (min, opt, max) shapes
     options: dict
     engine_sha256: str = ""  # the engine file's, so a corrupt or replaced file is caught at load
 

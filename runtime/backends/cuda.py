@@ -49,9 +49,6 @@ class Cuda:
     def malloc(self, nbytes: int) -> int:
         return int(self._check(self._rt.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
 
-    def free(self, ptr: int) -> None:
-        self._check(self._rt.cudaFree(ptr), "cudaFree")
-
     def copy_to_device(self, ptr: int, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
         kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -90,6 +87,3 @@ class Cuda:
 
     def launch(self, graph_exec) -> None:
         self._check(self._rt.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
-
-    def destroy_graph(self, graph_exec) -> None:
-        self._rt.cudaGraphExecDestroy(graph_exec)

@@ -292,14 +292,16 @@ class OnnxRuntimeTensorRTBackend(IOBindingBackend):
                           "the onnxruntime-gpu package, TensorRT and a CUDA device")
         super().__init__("cuda", device_id, cuda_graphs, max_cuda_graphs)
         self.shape_ranges = shape_ranges
+        self._plan_ranges: dict = {}  # bundle root -> ranges derived from its plans
 
     def ranges_for(self, spec: StageSpec) -> dict[str, ShapeRange] | None:
         if self.shape_ranges is not None:
             return self.shape_ranges.get(spec.name)
-        bundle = Bundle.load(spec.path.parent, verify=False)
-        if free_axes(bundle):
-            return None
-        return plan_shape_ranges(bundle, EngineTargets(), {}).get(spec.name)
+        root = spec.path.parent
+        if root not in self._plan_ranges:  # once per bundle, not once per stage
+            bundle = Bundle.load(root, verify=False)
+            self._plan_ranges[root] = {} if free_axes(bundle) else plan_shape_ranges(bundle, EngineTargets(), {})
+        return self._plan_ranges[root].get(spec.name)
 
     def providers_for(self, spec: StageSpec) -> list:
         trt = tensorrt_provider_options(spec, self.device_id, self.cuda_graphs, self.ranges_for(spec))

@@ -17,7 +17,7 @@ stay on the host for now.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +38,6 @@ class CallSlot:
     runs: int = 0
     graph: object = None
     graph_failed: bool = False
-    pointers: list[int] = field(default_factory=list)
 
 
 class EngineSet:
@@ -141,12 +140,11 @@ class TensorRTRunner:
         trt, cuda = self._trt, self._cuda
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self._engines.memory, self._engines.memory_bytes)
-        inputs, outputs, pointers, nbytes = {}, {}, [], 0
+        inputs, outputs, nbytes = {}, {}, 0
         for name, array in feeds.items():
             if not context.set_input_shape(name, array.shape):
                 raise BackendError(f"stage {self.spec.name!r}: TensorRT rejected input {name!r} shape {array.shape}")
             inputs[name] = cuda.malloc(array.nbytes)
-            pointers.append(inputs[name])
             nbytes += array.nbytes
             context.set_tensor_address(name, inputs[name])
         for io in self.spec.outputs:
@@ -158,11 +156,10 @@ class TensorRTRunner:
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(io.name)))
             size = int(np.prod(shape)) * dtype.itemsize
             ptr = cuda.malloc(size)
-            pointers.append(ptr)
             nbytes += size
             context.set_tensor_address(io.name, ptr)
             outputs[io.name] = (ptr, shape, dtype)
-        slot = CallSlot(context, inputs, outputs, nbytes, pointers=pointers)
+        slot = CallSlot(context, inputs, outputs, nbytes)
         self.slots[batch] = slot
         return slot
 
