@@ -205,7 +205,7 @@ def _tokenizers_normalize(text: str) -> str:
 
 def byte_level_pre_tokens(text: str) -> list[str]:
     """The byte-level-mapped pre-tokens BPE runs on, as the default ("tokenizers") cleanup produces them (without
-    the added-token split): what a CLIP BPE vocabulary is trained on (keystep.tools.clip_bpe)."""
+    the added-token split): what a CLIP BPE vocabulary is trained on (keystep.tools.train.clip_bpe)."""
     encoder = bytes_to_unicode()
     return ["".join(encoder[b] for b in piece.encode("utf-8"))
             for piece in _clip_pretokenize(_tokenizers_normalize(text), False)]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from keystep.tools.bench_common import to_markdown
-from keystep.tools.bench_dit import run
+from keystep.tools.bench.common import to_markdown
+from keystep.tools.bench.dit import run
 
 
 def test_bench_dit_smoke():
@@ -19,7 +19,7 @@ def test_bench_dit_smoke():
 @pytest.mark.slow  # two bundles and both backends: ~2 minutes
 def test_unified_bench_dit_smoke(capsys):
     """tools/bench end to end on the tiny DiT preset, both CPU backends: every row ran and is reported."""
-    from keystep.tools.bench import main
+    from keystep.tools.bench.side_by_side import main
 
     assert main(["--model", "dit", "--preset", "dit-tiny", "--steps", "6", "--repeats", "1", "--interval", "2",
                  "--target-speedup", "1.5"]) == 0

@@ -13,8 +13,8 @@ from keystep.runtime.sampler import SamplingOptions
 from keystep.runtime.tokenizer import ClipTokenizer
 from keystep.runtime.unet_sampler import UNetSampler
 from keystep.tools.cli import main
-from keystep.tools.clip_bpe import save_clip_tokenizer, train_merges
-from keystep.tools.digit_prompts import TEMPLATES, all_prompts, digit_prompt, prompts_for
+from keystep.tools.train.clip_bpe import save_clip_tokenizer, train_merges
+from keystep.tools.train.digit_prompts import TEMPLATES, all_prompts, digit_prompt, prompts_for
 from sd_reference import sd_encoder_propagation_sample, tiny_clip, tiny_unet
 
 CORPUS = [p for row in all_prompts() for p in row]
@@ -55,7 +55,7 @@ def test_digit_prompts():
 
 def test_train_sd_smoke_and_the_directory_loads(tmp_path):
     from keystep.export.unet_export import load_sd_pipeline_dir
-    from keystep.tools.train_sd import train
+    from keystep.tools.train.sd import train
 
     out = tmp_path / "digits-sd"
     info = train(out, iters=2, batch=4, progress=lambda m: None)
@@ -77,7 +77,7 @@ def pixel_parts(tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def pixel_sd_dir(pixel_parts, tmp_path_factory):
-    from keystep.tools.train_sd import save_sd_dir
+    from keystep.tools.train.sd import save_sd_dir
 
     path = tmp_path_factory.mktemp("pixel-sd") / "model"
     save_sd_dir(path, pixel_parts["text_encoder"], pixel_parts["unet"], pixel_parts["tokenizer"], {"random": True})
@@ -198,7 +198,7 @@ def test_latent_sd_dir_without_vae_is_rejected(pixel_sd_dir, tmp_path):
 
 
 def test_quality_on_a_text_to_image_bundle(pixel_bundle):
-    from keystep.tools.quality import evaluate
+    from keystep.tools.cli.quality import evaluate
 
     rows = evaluate(Bundle.load(pixel_bundle), get_backend("onnxruntime"), ["uniform:3"], samples=20)
     assert [r["plan"] for r in rows] == ["all", "uniform:3"]
@@ -235,7 +235,7 @@ def test_build_and_generate_the_shipped_model(tmp_path, capsys):
     out = tmp_path / "seven.png"
     assert main(["generate", str(bundle), "--prompt", "a handwritten 7", "--images", "4", "--out", str(out),
                  "--save-latents", str(tmp_path / "seven.npy")]) == 0
-    from keystep.tools.quality import DigitMetrics
+    from keystep.tools.cli.quality import DigitMetrics
 
     samples = np.load(tmp_path / "seven.npy")
     assert len(list(tmp_path.glob("seven-*.png"))) == 4

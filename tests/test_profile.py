@@ -10,7 +10,7 @@ from keystep.runtime.bundle import Bundle
 from keystep.runtime.plan import build_calls, parse_key_steps
 from keystep.runtime.sampler import SamplingOptions
 from keystep.tools.cli import main
-from keystep.tools.profile import format_table, plot, profile_bundle, to_markdown
+from keystep.tools.cli.profile import format_table, plot, profile_bundle, to_markdown
 
 STEPS = 4
 PEAK = 256  # a small MatMul keeps the tests quick; the CLI default is 1024

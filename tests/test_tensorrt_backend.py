@@ -3,7 +3,7 @@
 whose CUDA graphs record enqueues at capture and run them at replay -- reading the buffers then, as a real graph
 does. A sampling run through the backend must equal the ONNX Runtime CPU backend; the fakes count what was
 allocated, bound, captured and replayed. The real thing runs under ``-m gpu`` (and ``python -m
-keystep.tools.gpu_check``)."""
+keystep.tools.bench.gpu_check``)."""
 
 import shutil
 import warnings
@@ -278,7 +278,7 @@ def test_tensorrt_backend_without_tensorrt_fails_clearly():
 
 
 def test_profile_reports_graphs_and_device_memory(engine_bundle):
-    from keystep.tools.profile import format_table, profile_bundle
+    from keystep.tools.cli.profile import format_table, profile_bundle
 
     bundle = Bundle.load(engine_bundle)
     backend, _ = fake_backend(FakeCuda())
@@ -293,7 +293,7 @@ def test_profile_reports_graphs_and_device_memory(engine_bundle):
 
 
 def test_gpu_check_logic_on_the_fake_engines(engine_bundle):
-    from keystep.tools.gpu_check import check_engines, format_report, time_plans
+    from keystep.tools.bench.gpu_check import check_engines, format_report, time_plans
 
     bundle = Bundle.load(engine_bundle)
     backend, _ = fake_backend(FakeCuda())
@@ -316,7 +316,7 @@ def test_gpu_check_without_a_gpu_exits_2(capsys):
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    from keystep.tools.gpu_check import main
+    from keystep.tools.bench.gpu_check import main
 
     assert main([]) == 2
     assert "tensorrt package" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from keystep.tools.quality import frechet_distance, psnr
-from keystep.tools.timestep_sampling import TimestepSampler, linear_alphas_cumprod
+from keystep.tools.cli.quality import frechet_distance, psnr
+from keystep.tools.train.timestep_sampling import TimestepSampler, linear_alphas_cumprod
 
 
 def test_speedit_sampler_matches_the_reference_formulas():
@@ -72,8 +72,8 @@ def test_psnr():
 def test_training_loops_smoke_and_their_checkpoints_load(tmp_path):
     """A few iterations of the DiT and DyDiT training loops; what they save loads through the normal loaders."""
     from keystep.export.dit_loaders import load_dit
-    from keystep.tools.train_dit import train as train_dit
-    from keystep.tools.train_dydit import train as train_dydit
+    from keystep.tools.train.dit import train as train_dit
+    from keystep.tools.train.dydit import train as train_dydit
 
     quiet = lambda m: None  # noqa: E731
     for sampler in ("uniform", "speedit", "speed"):

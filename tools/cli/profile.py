@@ -32,7 +32,7 @@ import numpy as np
 from keystep.runtime.bundle import Bundle, IOSpec, StageSpec
 from keystep.runtime.sampler import SamplingError, SamplingOptions
 
-from .bench_common import cpu_name
+from ..bench.common import cpu_name
 
 # the order stages appear in tables and plots (only those that ran are shown)
 STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")

@@ -1,7 +1,7 @@
 """Training-side comparison of timestep samplers: the same digits DiT, seed and iteration budget trained with uniform,
 SpeeDiT and SpeeD sampling; quality (class accuracy, digits-FD) measured at several checkpoints.
 
-    python -m keystep.tools.speedit_compare [--iters 1500] [--every 500] [--samples 500] [--work DIR] [--markdown F]
+    python -m keystep.tools.train.speedit_compare [--iters 1500] [--every 500] [--samples 500] [--work DIR] [--markdown F]
 
 Checkpoints are sampled with a plain PyTorch DDIM loop (50 steps, CFG 2, the full model): this measures the trained
 weights, not the runtime.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_common import emit
+from ..bench.common import emit
 from .timestep_sampling import SAMPLERS
 
 
@@ -43,8 +43,8 @@ def sample_checkpoint(path: Path, samples: int, seed: int = 0, steps: int = 50, 
 
 
 def run(iters: int, every: int, samples: int, work: Path, progress=print) -> dict:
-    from .quality import DigitMetrics
-    from .train_dit import train
+    from ..cli.quality import DigitMetrics
+    from .dit import train
 
     metrics = DigitMetrics()
     labels = np.arange(samples) % 10
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = run(args.iters, args.every, args.samples, work)
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    command = (f"python -m keystep.tools.speedit_compare --iters {args.iters} --every {args.every} "
+    command = (f"python -m keystep.tools.train.speedit_compare --iters {args.iters} --every {args.every} "
                f"--samples {args.samples}")
     text = to_markdown(results, command, args.samples)
     emit(text, args.markdown)

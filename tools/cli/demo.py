@@ -76,7 +76,7 @@ def grid_png(images: np.ndarray, labels: np.ndarray, title: str, path: Path, per
 def run_demo(out_dir: str = "keystep-demo", steps: int = 50, samples: int = 200, seed: int = 0) -> int:
     from keystep.models import shipped
 
-    from .digit_prompts import DIGIT_WORDS, TEMPLATES, digit_prompt
+    from ..train.digit_prompts import DIGIT_WORDS, TEMPLATES, digit_prompt
     from .quality import DigitMetrics, digits_sampler, generate, psnr, sample_digits
 
     out = Path(out_dir)

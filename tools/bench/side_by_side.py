@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from .bench_common import cpu_name
-from .tune import latent_psnr
+from .common import cpu_name
+from ..cli.tune import latent_psnr
 
 EAGER = "diffusers eager"
 BASELINE = "keystep baseline"
@@ -77,7 +77,7 @@ def tuned_plan(sampler, steps: int, guidance: float, target: float, calibrate: d
     """``keystep tune``'s choice on one calibration seed (FLOP budget: machine-independent)."""
     from keystep.runtime.sampler import SamplingOptions
 
-    from .tune import tune
+    from ..cli.tune import tune
 
     options = SamplingOptions.from_bundle(sampler.bundle, num_steps=steps, guidance=guidance)
     return tune(sampler.bundle, sampler, options, target_speedup=target, seeds=1, **calibrate)["chosen"]
@@ -91,7 +91,7 @@ def dit_bench(args, work: Path) -> tuple[str, list[Row]]:
     from keystep.runtime.bundle import Bundle
     from keystep.runtime.dit_sampler import DiTSampler
 
-    from .bench_dit import eager_diffusers_loop, make_diffusers_dit
+    from .dit import eager_diffusers_loop, make_diffusers_dit
 
     guidance, steps = 4.0, args.steps
     transformer = make_diffusers_dit(args.preset, seed=0)
@@ -137,7 +137,7 @@ def unet_bench(args, work: Path) -> tuple[str, list[Row]]:
     from keystep.runtime.bundle import Bundle
     from keystep.runtime.unet_sampler import UNetSampler
 
-    from .bench_unet import make_sd_dir
+    from .unet import make_sd_dir
 
     guidance, steps, size, prompt = 7.5, args.steps, args.size, "a handwritten 7"
     sd_dir = make_sd_dir(work / "sd")
@@ -212,7 +212,7 @@ def run(args) -> list[str]:
 
     from keystep.runtime.backends.base import get_backend
 
-    from .profile import measure_peak
+    from ..cli.profile import measure_peak
 
     torch.set_num_threads(os.cpu_count() or 1)
     command = "python -m keystep.tools.bench " + " ".join(args.argv)

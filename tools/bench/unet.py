@@ -1,6 +1,6 @@
 """SD-like UNet benchmark: diffusers' StableDiffusionPipeline (eager PyTorch) vs keystep's plans, one process.
 
-    python -m keystep.tools.bench_unet [--size 256] [--steps 50] [--repeats 3] [--markdown FILE]
+    python -m keystep.tools.bench.unet [--size 256] [--steps 50] [--repeats 3] [--markdown FILE]
 
 A random-weight reduced SD UNet (block_out_channels 160/320/640, 2 layers per block, cross-attention 768) with a
 small CLIP text encoder and VAE, saved as a diffusers directory and built by the normal ``build`` path.
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_common import measure, report
+from .common import measure, report
 
 
 def make_sd_dir(path: Path, seed: int = 0) -> Path:
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     r = run(args.size, args.steps, args.repeats)
-    command = f"python -m keystep.tools.bench_unet --size {args.size} --steps {args.steps} --repeats {args.repeats}"
+    command = f"python -m keystep.tools.bench.unet --size {args.size} --steps {args.steps} --repeats {args.repeats}"
     report(r, command, f"reduced SD UNet 160/320/640, {args.size}×{args.size} px, DDIM", args.markdown)
     return 0
 

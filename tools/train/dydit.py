@@ -1,6 +1,6 @@
 """Fine-tune a shipped DiT into a DyDiT at FLOPs target λ, saved in the official DyDiT checkpoint layout.
 
-    python -m keystep.tools.train_dydit --base models/digits-dit.safetensors --target 0.5 \\
+    python -m keystep.tools.train.dydit --base models/digits-dit.safetensors --target 0.5 \\
         --out models/digits-dydit-0.5.safetensors [--iters 800]
 
 The DyDiT recipe (ICLR 2025, official code): routers on every block — width routers Linear(hidden -> heads-1) on the
@@ -78,7 +78,7 @@ def train(base: str, target: float, out: Path, iters: int, batch: int = 128, lr:
     from keystep.runtime.width import UnitFlops
 
     from .digits import load_digit_images
-    from .train_dit import CLASS_DROPOUT, save_checkpoint
+    from .dit import CLASS_DROPOUT, save_checkpoint
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -1,6 +1,6 @@
 """Train the shipped class-conditional pixel-space DiT on the digits (CPU, seeded, one command).
 
-    python -m keystep.tools.train_dit --out models/digits-dit.safetensors [--iters 3000] [--sampler uniform]
+    python -m keystep.tools.train.dit --out models/digits-dit.safetensors [--iters 3000] [--sampler uniform]
 
 DDPM training as in DiT: linear betas over 1000 steps, epsilon MSE, class dropout 10 % (null class = 10) so the model
 supports classifier-free guidance, AdamW, an EMA of the weights (what is saved, in the original DiT key layout with

@@ -3,7 +3,7 @@
     keystep quality BUNDLE [--plan SPEC ...] [--samples 1000] [--json]
 
 * class accuracy: the shipped digit classifier's prediction vs the requested class (text-to-image bundles, i.e.
-  digits-sd: the digit the prompt names; prompts cycle through the training templates, tools/digit_prompts.py);
+  digits-sd: the digit the prompt names; prompts cycle through the training templates, tools/train/digit_prompts.py);
 * digits-FD: Fréchet distance between the classifier's penultimate features of the samples and of the real digits
   (FID's formula with a domain classifier; needs >= 1000 samples to be stable);
 * fidelity: PSNR of each plan's images against the baseline plan's from the same z_T (pixel range [-1, 1]).
@@ -32,7 +32,7 @@ class DigitMetrics:
 
         path = Path(classifier or CLASSIFIER)
         if not path.is_file():
-            raise SamplingError(f"the digit classifier {path} is missing (train it: python -m keystep.tools.digits)")
+            raise SamplingError(f"the digit classifier {path} is missing (train it: python -m keystep.tools.train.digits)")
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         stats = np.load(path.with_name(REAL_STATS))
         self.real_mean, self.real_cov = stats["mean"], stats["cov"]
@@ -81,7 +81,7 @@ def digits_sampler(bundle: Bundle, backend):
 def sample_digits(sampler, labels: np.ndarray, options, seed: int, first_sample: int = 0):
     """One sample per requested digit: the class label, or for text-to-image a prompt naming it."""
     if sampler.family == "unet":
-        from .digit_prompts import prompts_for
+        from ..train.digit_prompts import prompts_for
 
         return sampler.sample(prompts_for(labels, first_sample), options, seed=seed)
     return sampler.sample(labels.tolist(), options, seed=seed)

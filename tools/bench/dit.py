@@ -1,6 +1,6 @@
 """DiT benchmark: diffusers eager PyTorch vs keystep baseline plan vs key-step plan, in one process and one run.
 
-    python -m keystep.tools.bench_dit [--preset dit-s2] [--steps 50] [--repeats 5] [--markdown FILE]
+    python -m keystep.tools.bench.dit [--preset dit-s2] [--steps 50] [--repeats 5] [--markdown FILE]
 
 The model is a random-weight diffusers ``DiTTransformer2DModel`` of the preset's size, saved to a temp dir and built
 into a bundle by the normal ``build`` path, so both sides run exactly the same weights. Runs are interleaved
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_common import measure, report
+from .common import measure, report
 
 
 def make_diffusers_dit(preset: str, seed: int):
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     r = run(args.preset, args.steps, args.repeats)
-    command = f"python -m keystep.tools.bench_dit --preset {args.preset} --steps {args.steps} --repeats {args.repeats}"
+    command = f"python -m keystep.tools.bench.dit --preset {args.preset} --steps {args.steps} --repeats {args.repeats}"
     report(r, command, f"DiT preset {args.preset}, DDIM", args.markdown)
     return 0
 

@@ -1,6 +1,6 @@
 """DyDiT width benchmark: dense vs width profiles vs profiles + key steps, and gather vs dense token selection.
 
-    python -m keystep.tools.bench_dydit [--model random:dydit-s2] [--backend onnxruntime] [--steps 50]
+    python -m keystep.tools.bench.dydit [--model random:dydit-s2] [--backend onnxruntime] [--steps 50]
                                         [--repeats 5] [--work DIR] [--markdown FILE]
 
 Builds (or reuses, under ``--work``) three bundles of one DyDiT-format model: dense (``--width none``: the full-width
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_common import cpu_name, emit
+from .common import cpu_name, emit
 
 # row -> (bundle, key-step spec)
 ROWS = {
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     r = run(args.model, args.backend, args.steps, args.repeats, Path(args.work))
-    command = (f"python -m keystep.tools.bench_dydit --model {args.model} --backend {args.backend} "
+    command = (f"python -m keystep.tools.bench.dydit --model {args.model} --backend {args.backend} "
                f"--steps {args.steps} --repeats {args.repeats}")
     text = to_markdown(r, command)
     emit(text, args.markdown)

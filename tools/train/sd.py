@@ -1,10 +1,10 @@
 """Train ``digits-sd``, the Stable-Diffusion-shaped demo model, from scratch on the digits (CPU, seeded, one command).
 
-    python -m keystep.tools.train_sd --out models/digits-sd [--iters 1200] [--seed 0]
+    python -m keystep.tools.train.sd --out models/digits-sd [--iters 1200] [--seed 0]
 
 Three parts, as in Stable Diffusion, except that it works in pixel space (16x16x1, no VAE; see docs/models.md):
 
-* a byte-level BPE tokenizer in CLIP's format, trained on the prompt corpus (tools/digit_prompts.py: ten phrasings
+* a byte-level BPE tokenizer in CLIP's format, trained on the prompt corpus (tools/train/digit_prompts.py: ten phrasings
   per digit, "a handwritten 7", "the digit seven", ...);
 * a CLIPTextModel (hidden 64, 2 layers, 4 heads, 16 positions) and
 * a UNet2DConditionModel (pixel space, channels 32/64/64, cross-attention at 8x8 and 4x4 and in the mid block),
@@ -101,7 +101,7 @@ def train(out: Path, iters: int, batch: int = 64, lr: float = 1e-3, seed: int = 
 
     from .clip_bpe import save_clip_tokenizer, train_merges
     from .digits import load_digit_images
-    from .train_dit import update_ema
+    from .dit import update_ema
 
     if threads:
         torch.set_num_threads(threads)
@@ -155,7 +155,7 @@ def train(out: Path, iters: int, batch: int = 64, lr: float = 1e-3, seed: int = 
         seconds = time.perf_counter() - start
         info = {"iters": iters, "batch": batch, "lr": lr, "seed": seed, "sampler": sampler, "threads": threads,
                 "seconds": round(seconds, 1), "final_loss": float(np.mean(losses[-50:])),
-                "command": f"python -m keystep.tools.train_sd --out {out} --iters {iters} --seed {seed}"}
+                "command": f"python -m keystep.tools.train.sd --out {out} --iters {iters} --seed {seed}"}
         save_sd_dir(out, ema_text, ema_unet, tokenizer_dir, info)
     return info
 

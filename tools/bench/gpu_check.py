@@ -1,4 +1,4 @@
-"""``python -m keystep.tools.gpu_check``: the one command a GPU user runs to validate the TensorRT path.
+"""``python -m keystep.tools.bench.gpu_check``: the one command a GPU user runs to validate the TensorRT path.
 
 For a tiny DiT and a tiny UNet (the shipped digits-dit and digits-sd, so nothing is downloaded) it builds the bundle
 and its engines, checks every engine against ONNX Runtime CPU at its profile's min/opt/max batch, runs the default
@@ -115,7 +115,7 @@ def format_report(model: str, engines: list[dict], timings: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keystep.tools.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keystep.tools.bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="keystep-gpu-check", help="where bundles and engines go (reused)")
     parser.add_argument("--model", action="append", help=f"models to check (default: {', '.join(MODELS)})")
     parser.add_argument("--repeats", type=int, default=5)

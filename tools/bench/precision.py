@@ -1,4 +1,4 @@
-"""``python -m keystep.tools.bench_precision``: fp32 vs fp16 vs bf16 bundles of one model on one backend.
+"""``python -m keystep.tools.bench.precision``: fp32 vs fp16 vs bf16 bundles of one model on one backend.
 
 Builds (or reuses) the three bundles, then reports per stage the build-time error vs fp32 (from the manifest) and the
 median time of one call at one image with CFG (interleaved rounds after a warm-up), and end to end the final latents
@@ -21,9 +21,9 @@ from keystep.runtime.bundle import Bundle
 from keystep.runtime.sampler import SamplingOptions
 from keystep.runtime.samplers import sampler_for
 
-from .bench_common import cpu_name, emit
+from .common import cpu_name, emit
 from .gpu_check import rel_l2, stage_inputs
-from .tune import latent_psnr
+from ..cli.tune import latent_psnr
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -82,7 +82,7 @@ def to_markdown(command: str, bundles: dict[str, Bundle], times: dict, e2e: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keystep.tools.bench_precision", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keystep.tools.bench.precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="random:dit-s2", help="a DiT model (shipped name, random:PRESET, path)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = get_backend("onnxruntime")
     times = stage_times(bundles, backend, 2, args.repeats)
     e2e = end_to_end(bundles, backend, ("all", "default"))
-    command = "python -m keystep.tools.bench_precision " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m keystep.tools.bench.precision " + " ".join(argv if argv is not None else sys.argv[1:])
     emit(to_markdown(command.strip(), bundles, times, e2e, args.repeats), args.markdown)
     return 0
 

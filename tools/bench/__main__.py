@@ -1,0 +1,5 @@
+import sys
+
+from .side_by_side import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training of the shipped digits models and their metrics' classifier (``python -m keystep.tools.train.dit`` ...)."""
