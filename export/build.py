@@ -117,7 +117,8 @@ def build_dit_bundle(
         stages = dit_width_stages(loaded.model, split, plan.engines, plan.token_mode, loaded.vae)
     fields = {
         "family": "dit",
-        "model_config": cfg.to_dict(),
+        # without a VAE, a 1- or 3-channel DiT samples images in [-1, 1] (as the digits models); otherwise latents
+        "model_config": {**cfg.to_dict(), "pixel_space": loaded.vae is None and cfg.in_channels in (1, 3)},
         "split": split,
         "source": {"kind": loaded.source_kind,
                    "path": model if loaded.source_kind == "random" or entry else str(Path(model).resolve())},

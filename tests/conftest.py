@@ -40,6 +40,17 @@ def block_cache_bundle(original_checkpoint, tmp_path_factory):
                             progress=lambda m: None)
 
 
+@pytest.fixture(scope="session")
+def digits_dit_bundle(tmp_path_factory):
+    """`keystep build digits-dit --out B` (the shipped pixel-space DiT), with one block-caching variant so that
+    the manifest has every section a DiT bundle can have."""
+    from keystep.tools.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "digits-dit"
+    assert main(["build", "digits-dit", "--out", str(out), "--cache", "blocks:1-3"]) == 0
+    return out
+
+
 # --- DyDiT: a random DyDiT-format checkpoint and width bundles (one routed, one calibrated) ----------------------
 
 
