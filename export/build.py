@@ -19,13 +19,19 @@ from .stage_precision import PrecisionPlan
 from .tokenizer_asset import tokenizer_asset
 from .width_build import WidthPlan
 
-# facebookresearch DiT trains with a linear beta schedule over 1000 steps; other fields keep diffusers' defaults.
+# Bundles of original DiT / DyDiT checkpoints (no scheduler config) sample as DiT's own code does: its linear betas
+# over 1000 steps, DDIM over respaced timesteps (respace.py, ddim_sample) and no x0 clipping (sample.py passes
+# clip_denoised=False). clip_sample and set_alpha_to_one also hold for --scheduler ddim/ddpm built from this config.
 DIT_TRAINING_SCHEDULE = {
-    "_class_name": "DDIMScheduler",
+    "_class_name": "RespacedDDIMScheduler",
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "beta_schedule": "linear",
+    "timestep_respacing": "uniform",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "prediction_type": "epsilon",
 }
 DIT_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.3}
 CACHE_KINDS = {"dit": "blocks", "unet": "deep"}

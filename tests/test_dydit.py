@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
+from dit_reference import DiTDDIM
 from dydit_reference import dydit_flops, dydit_sample
 from keystep.export.build import build_dit_bundle
 from keystep.export.dit_loaders import load_dit
@@ -25,7 +25,6 @@ from keystep.runtime.dit_sampler import DiTSampler
 from keystep.runtime.plan import PlanError
 from keystep.runtime.sampler import SamplingOptions
 
-DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 ROUTER_PARTS = ("attn_rate", "mlp_rate", "token_selection")
 
 
@@ -33,9 +32,8 @@ ROUTER_PARTS = ("attn_rate", "mlp_rate", "token_selection")
 # helpers (all "expected" values come from the reference model / formula)
 # --------------------------------------------------------------------------------------------------------------------
 def ddim(steps):
-    scheduler = DDIMScheduler(**DIT_SCHEDULE)
-    scheduler.set_timesteps(steps)
-    return scheduler
+    """The bundles' sampler (conftest.clipped_dit_scheduler): DiT's DDIM, "ddimN" respacing, clip_denoised=True."""
+    return DiTDDIM(steps, "ddim", clip_denoised=True)
 
 
 def reference_masks(model, timesteps) -> np.ndarray:
@@ -527,6 +525,11 @@ def test_a_step_count_no_engine_covers_is_a_plan_error(which, dydit, calibrated,
     split, depth, H = bundle.manifest["split"], dydit_model.depth, dydit_model.num_heads
     entries = [(e, engine_units(e, H)) for e in bundle.manifest["width"]["engines"]]
 
+    # DiT's "ddimN" respacing takes the counts an integer stride gives; 37, say, is a PlanError of its own
+    counts = [n for n in range(2, 40) if any(len(range(0, 1000, stride)) == n for stride in range(1, 1000))]
+    with pytest.raises(PlanError, match="cannot take exactly 37 of 1000 timesteps with an integer stride"):
+        DiTSampler(bundle, ort).sample([1], SamplingOptions.from_bundle(bundle, num_steps=37))
+
     def covered(steps):
         for t in ddim(steps).timesteps.numpy():
             for stage in ("encoder", "decoder"):
@@ -537,13 +540,13 @@ def test_a_step_count_no_engine_covers_is_a_plan_error(which, dydit, calibrated,
 
     built = bundle.default_plan["num_steps"]
     assert covered(built)
-    uncovered = [n for n in range(2, 40) if not covered(n)]
+    uncovered = [n for n in counts if not covered(n)]
     assert uncovered, "every step count is covered: this bundle cannot show the error"
     sampler = DiTSampler(bundle, ort)
     with pytest.raises(PlanError, match="no (encoder|decoder) engine"):
         sampler.sample([1], SamplingOptions.from_bundle(bundle, num_steps=uncovered[0]))
     if which == "dydit":  # a step count the bundle was not built for, but covers, is exact too
-        steps = next(n for n in range(2, 40) if n != built and covered(n))
+        steps = next(n for n in counts if n != built and covered(n))
         options = SamplingOptions.from_bundle(bundle, num_steps=steps, noise_injection=False)
         result = sampler.sample([2, 6], options, seed=7)
         z_T = torch.from_numpy(sampler.initial_noise(2, 7))
