@@ -56,6 +56,35 @@ def block_cache_bundle(original_checkpoint, clipped_dit_scheduler, tmp_path_fact
                             scheduler_config=clipped_dit_scheduler, progress=lambda m: None)
 
 
+# --- the shipped, trained digits-dit: samples that stay in range ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory):
+    """``keystep build digits-dit`` (its tuned DDIM config and default plan: 50 steps, uniform:6, guidance 2). A
+    trained model: its samples stay within about [-1.5, 1.5], so absolute tolerances mean what they say."""
+    from keystep.tools.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "digits-dit"
+    assert main(["build", "digits-dit", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_dit():
+    """digits-dit's weights in the independent ``dit_reference.OriginalDiT`` (16x16x1, patch 4, hidden 128, 6
+    blocks, 4 heads, 10 classes, no learned sigma)."""
+    from safetensors.torch import load_file
+
+    from dit_reference import OriginalDiT
+    from keystep.models import shipped
+
+    model = OriginalDiT(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
+                        num_classes=10, learn_sigma=False)
+    model.load_state_dict(load_file(shipped("digits-dit").path))
+    return model.eval()
+
+
 # --- DyDiT: a random DyDiT-format checkpoint and width bundles (one routed, one calibrated) ----------------------
 
 
