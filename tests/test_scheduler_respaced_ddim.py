@@ -116,3 +116,19 @@ def test_the_dit_default_config_and_switching_class():
     assert isinstance(ddim, DDIMScheduler) and ddim.config["clip_sample"] is False
     assert ddim.config["set_alpha_to_one"] is True
     assert make_scheduler(resolve_scheduler_config(None, None, "ddim")).config == ddim.config
+
+
+def test_what_each_source_gets_without_a_scheduler_config(original_checkpoint, dit_pipeline_dir, monkeypatch,
+                                                          tmp_path):
+    """The manifest's scheduler per source (write_bundle replaced: no export needed to see it)."""
+    from keystep.export import build
+
+    written = {}
+    monkeypatch.setattr(build, "write_bundle", lambda out, stages, fields, **kw: written.setdefault(out.name, fields))
+    build.build_dit_bundle(str(original_checkpoint), str(tmp_path / "original"), num_heads=4, progress=print)
+    build.build_dit_bundle("random:dit-tiny", str(tmp_path / "random"), progress=print)
+    build.build_dit_bundle(str(dit_pipeline_dir), str(tmp_path / "pipeline"), progress=print)
+    assert written["original"]["scheduler"] == {**build.DIT_TRAINING_SCHEDULE, "clip_sample": False}
+    assert written["random"]["scheduler"] == {**build.DIT_TRAINING_SCHEDULE, "clip_sample": True}
+    pipeline = written["pipeline"]["scheduler"]  # a diffusers pipeline keeps its own scheduler_config.json
+    assert pipeline["_class_name"] == "DDIMScheduler" and pipeline["clip_sample"] is False
