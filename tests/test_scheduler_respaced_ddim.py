@@ -8,7 +8,10 @@ ed81ce2229091fd4ecc9a223645f95cf379d582b, ``create_diffusion(str(N))`` / ``creat
 CFG 4.0 over all latent channels, 3 images, ``baseline_sample(..., DiTDDIM(...))`` gave exactly DiT's latents (max
 |diff| 0.0) for N = 10, 25, 50 (uniform respacing), N = 10 with "ddim10", and N = 10 with clip_denoised=True; the
 kept timesteps were identical; and keystep's bundle sampling with this scheduler was within 1.1e-3 of DiT's latents
-of max |x| 1730 (float32 ONNX Runtime vs PyTorch; 7.7e-6 with clipping, where |x| <= 1).
+of max |x| 1730 (float32 ONNX Runtime vs PyTorch; 7.7e-6 with clipping, where |x| <= 1). On the trained digits-dit
+weights built as an unnamed original checkpoint (so with this default scheduler), CFG 2, 4 images: keystep vs DiT's
+``ddim_sample_loop(clip_denoised=False)`` max |diff| 2.8e-6 / 1.1e-6 / 6.6e-6 at 10 / 50 / 250 steps (latents within
+|x| <= 1.08), DiTDDIM vs DiT 0.0.
 """
 
 from __future__ import annotations
