@@ -516,8 +516,9 @@ def independent_calibration(dit, scheduler_config, target=0.5, images=8, steps=5
     handles = []
     for i, block in enumerate(dit.blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, i=i: entering.__setitem__(i, a)))
-        handles.append(block.attn.proj.register_forward_pre_hook(lambda m, a, i=i, b=block: contribution(i, 0, a[0], b)))
-        handles.append(block.mlp.fc2.register_forward_pre_hook(lambda m, a, i=i, b=block: contribution(i, 1, a[0], b)))
+        for kind, layer in enumerate((block.attn.proj, block.mlp.fc2)):
+            handles.append(layer.register_forward_pre_hook(
+                lambda m, a, i=i, b=block, k=kind: contribution(i, k, a[0], b)))
     rng = np.random.default_rng(seed)
     z = torch.from_numpy(rng.standard_normal((images, dit.in_channels, dit.input_size, dit.input_size),
                                              dtype=np.float32))

@@ -175,10 +175,11 @@ def spatial_stage(root, aux=True):
     latent = helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["batch", 4, "height", "width"])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "height", "width"])
     aux = helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["batch", 4, "height", "width"])
-    nodes = [helper.make_node("Mul", ["latent", "two"], ["doubled"]), helper.make_node("Add", ["doubled", "one"], ["y"]),
+    nodes = [helper.make_node("Mul", ["latent", "two"], ["doubled"]),
+             helper.make_node("Add", ["doubled", "one"], ["y"]),
              helper.make_node("Identity", ["latent"], ["aux"])]
-    inits = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("one", TensorProto.FLOAT, [],
-                                                                                         [1.0])]
+    inits = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+             helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])]
     outputs = [out, aux] if aux else [out]
     nodes = nodes if aux else nodes[:2]
     model = helper.make_model(helper.make_graph(nodes, "spatial", [latent], outputs, inits),
