@@ -117,7 +117,10 @@ def scheduler_for(bundle: Bundle, options: SamplingOptions):
     if options.num_steps < 1:
         raise PlanError(f"the number of steps must be at least 1, got {options.num_steps}")
     scheduler = make_scheduler(bundle.scheduler_config, options.scheduler)
-    scheduler.set_timesteps(options.num_steps)
+    try:
+        scheduler.set_timesteps(options.num_steps)
+    except ValueError as exc:  # a step count this scheduler cannot take (more than trained, no DDIM stride...)
+        raise PlanError(str(exc)) from None
     return scheduler, np.asarray(scheduler.timesteps)
 
 
