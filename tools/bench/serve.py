@@ -214,7 +214,7 @@ def run(args) -> dict:
     if cli(["build", args.model, "--out", str(bundle)]) != 0:
         raise SystemExit("build failed")
     work = Workload(bundle, args.steps, max(args.requests, args.soak))
-    for job in work.jobs[: args.requests]:
+    for job in work.jobs:  # references first: computing them during a run would compete with the server
         work.expected(job)
     report = {"machine": cpu_name(), "model": args.model, "steps": args.steps, "load": [], "soak": None, "faults": []}
     for calls in args.stage_calls:
