@@ -461,3 +461,26 @@ def test_keystep_serve_command_starts_answers_and_stops_on_ctrl_c(digits_dit_bun
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_orchestrator_refuses_a_step_count_no_width_profile_covers(dydit_bundle):
+    """An uncovered width profile is a request error (before any stage runs); the next request is served."""
+    from keystep.runtime.triton.orchestrator import OrchestratorCore
+
+    pipe = keystep.load(dydit_bundle)
+    core = OrchestratorCore(pipe, max_rows=4)
+
+    def request(steps):
+        return {"class_label": np.array([[1]], np.int64), "steps": np.array([[steps]], np.int32)}, None
+
+    refused = []
+    for steps in range(2, 40):
+        out = core.execute([request(steps)])[0]
+        if isinstance(out, str) and "engine of this bundle covers" in out:
+            refused.append((steps, out))
+    assert refused, "every step count is covered: this bundle cannot show the error"
+    steps, message = refused[0]
+    assert message.startswith("keystep: plan: no ") and "rebuild the bundle" in message
+    built = pipe.bundle.default_plan["num_steps"]
+    ok = core.execute([request(built), request(steps)])
+    assert ok[0]["latents"].shape[0] == 1 and isinstance(ok[1], str)  # a latent DiT: latents only
