@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                f"--repeats {args.repeats}")
     what = (f"reduced UNet3D 32/64/128 (2 layers/block, temporal conv + attention), {args.frames} frames of "
             f"{args.size}×{args.size} px, DDIM; eager and keystep rows each in their own process")
-    report(r, command, what, args.markdown)
+    report(r, command, what, args.markdown, unit="video")
     return 0
 
 
