@@ -83,7 +83,7 @@ def to_markdown(r: dict, command: str, what: str, unit: str = "image") -> str:
             f"{r['flops'][name] / 1e9:.1f} | {bound:.3f}× | {'—' if host is None else f'{100 * host:.2f} %'} |"
         )
     lines.append("")
-    for name in ("key-step", "key-step, sequential"):
+    for name in [n for n in ("key-step", "key-step, sequential") if n in r["median"]]:
         speedup = base / r["median"][name]
         bound = r["flops"]["baseline"] / r["flops"][name]
         lines.append(
