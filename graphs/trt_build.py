@@ -21,9 +21,10 @@ from keystep.runtime.engine_plan import (
     ENGINE_DIR, EngineEntry, EngineIndex, EnginePlanError, EngineTargets, engine_cache_key, free_axes,
     profiles_from_calls, write_atomic,
 )
+from keystep.runtime.errors import KeystepError
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(KeystepError, RuntimeError):
     """TensorRT or a GPU is missing, a graph cannot be built, or the sizes needed for the profiles are unknown."""
 
 

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import KeystepError
 
-class PlanError(ValueError):
+
+class PlanError(KeystepError, ValueError):
     """A plan that does not fit the step count or is otherwise malformed."""
 
 

@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from keystep.runtime.bundle import Bundle, IOSpec, StageSpec
+from keystep.runtime.errors import KeystepError
 from keystep.runtime.sampler import SamplingError, SamplingOptions
 
 from ..bench.common import cpu_name
+from .args import list_flag
 
 # the order stages appear in tables and plots (only those that ran are shown)
 STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")
@@ -51,7 +53,7 @@ DEFAULT_PROMPT = "a photo"
 PEAK_SIZE = 1024
 
 
-class ProfileError(ValueError):
+class ProfileError(KeystepError, ValueError):
     """Bad profiling input (repeats < 1, a missing optional dependency, ...)."""
 
 
@@ -798,8 +800,8 @@ def add_profile_arguments(p) -> None:
                    help="run each key-step plan with batched (--parallel) and sequential decoders")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="unmeasured rounds first (default 1)")
     p.add_argument("--repeats", type=positive_int, default=3, help="measured rounds (default 3)")
-    p.add_argument("--class", dest="class_labels", type=int, nargs="+", help="DiT class label(s) (default 0)")
-    p.add_argument("--prompt", nargs="+", help=f"prompt(s) for text-to-image bundles (default {DEFAULT_PROMPT!r})")
+    list_flag(p, "--class", dest="class_labels", type=int, help="DiT class label(s) (default 0); repeatable")
+    list_flag(p, "--prompt", help=f"prompt(s) for text-to-image bundles (default {DEFAULT_PROMPT!r}); repeatable")
     p.add_argument("--negative-prompt", help="negative prompt (CFG's unconditional text)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
