@@ -38,7 +38,7 @@ DIT_TRAINING_SCHEDULE = {
 # ddim_sample_loop's own default) keeps them in range
 RANDOM_WEIGHTS_SCHEDULE = {**DIT_TRAINING_SCHEDULE, "clip_sample": True}
 DIT_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.3}
-CACHE_KINDS = {"dit": "blocks", "unet": "deep"}
+CACHE_KINDS = {"dit": "blocks", "unet": "deep", "unet3d": "deep"}
 
 
 def parse_cache_variants(spec: str | None, family: str) -> list:
@@ -197,8 +197,22 @@ def is_unet_pipeline(model: str) -> bool:
     return index.is_file() and "unet" in json.loads(index.read_text())
 
 
+def is_video_model(model: str) -> bool:
+    from .unet3d_export import is_video_pipeline
+
+    path = Path(resolve_model_path(model))
+    return is_video_pipeline(json.loads((path / "model_index.json").read_text()), path)
+
+
 def build_bundle(model: str, out: str, controlnet: str | None = None, **options) -> Path:
     """Dispatch on the model kind: a diffusers SD-style directory (has a unet) or a DiT."""
+    frames = options.pop("frames", None)
+    if is_unet_pipeline(model) and is_video_model(model):
+        from .unet3d_export import build_video_bundle
+
+        return build_video_bundle(model, out, controlnet=controlnet, frames=frames, **options)
+    if frames is not None:
+        raise ModelLoadError("--frames applies to text-to-video (UNet3D) models only")
     if is_unet_pipeline(model):
         given = [k for k in ("width", "max_profiles", "token_skip") if options.get(k) is not None]
         if given:

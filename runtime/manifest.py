@@ -255,7 +255,13 @@ class SourceSection(Open):
     path: str | None = None
 
 
-FAMILY_CONFIGS = {"dit": DiTModelConfig, "unet": UNetModelConfig}
+class VideoUNetModelConfig(UNetModelConfig):
+    """Family ``unet3d`` (text-to-video, UNet3DConditionModel): a UNet's config plus the default frame count."""
+
+    num_frames: Annotated[int, Field(ge=1, le=4096)]  # the manifest's FLOPs are counted at it
+
+
+FAMILY_CONFIGS = {"dit": DiTModelConfig, "unet": UNetModelConfig, "unet3d": VideoUNetModelConfig}
 
 
 class Manifest(Closed):
@@ -361,8 +367,10 @@ class Manifest(Closed):
         if len(skips) != cfg.num_skips:
             raise ValueError(f"stages.encoder: {len(skips)} skip outputs, model_config.num_skips is {cfg.num_skips}")
         sample = encoder.io("sample")
-        if sample is None or len(sample.shape) != 4 or sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"stages.encoder: input 'sample' must be (batch, {cfg.in_channels}, height, width)")
+        video = self.family == "unet3d"  # text-to-video: (batch, C, frames, height, width)
+        if sample is None or len(sample.shape) != (5 if video else 4) or sample.shape[1] != cfg.in_channels:
+            layout = f"(batch, {cfg.in_channels}, {'frames, ' if video else ''}height, width)"
+            raise ValueError(f"stages.encoder: input 'sample' must be {layout}")
         for name in ("encoder", "decoder", "full"):
             text = self.stages[name].io("encoder_hidden_states") if name in self.stages else None
             if text is not None and text.shape[-1] != cfg.text_dim:

@@ -39,6 +39,7 @@ def unet_default_key_steps(num_steps: int) -> list[int]:
 
 
 DEFAULT_KEY_STEPS = {"dit": dit_default_key_steps, "unet": unet_default_key_steps}
+DEFAULT_KEY_STEPS["unet3d"] = unet_default_key_steps  # FasterDiffusion applies the SD list to video UNets too
 
 
 @dataclass(frozen=True)

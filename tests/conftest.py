@@ -210,3 +210,29 @@ def sd_bundle_dir(sd_dir, controlnet_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "sd"
     return build_unet_bundle(str(sd_dir), str(out), controlnet=str(controlnet_dir), steps=10, cache="deep:0,1,3,4",
                              progress=lambda m: None)
+
+
+# --- text-to-video: a tiny UNet3D pipeline (ModelScope's config scaled down) and a bundle built from it -------------
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory):
+    """A TextToVideoSDPipeline directory (tiny UNet3D, the SD tests' tiny VAE / CLIP / byte-level tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    from video_reference import save_text_to_video_pipeline, tiny_unet3d
+
+    tokenizer = CLIPTokenizer(vocab=tiny_tokenizer_vocab(), merges=[], model_max_length=77)
+    path = tmp_path_factory.mktemp("video") / "pipeline"
+    return save_text_to_video_pipeline(path, tiny_unet3d(), tiny_vae(), tiny_clip(), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def video_bundle_dir(video_dir, tmp_path_factory):
+    """Every text-to-video stage through the normal build path, with DeepCache's default branch 0 (the shallow path
+    runs conv_in + transformer_in and re-enters at the last up layer; the cheapest stage to export — every 3-D
+    export costs tens of seconds of tracing)."""
+    from keystep.export.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "video"
+    return build_bundle(str(video_dir), str(out), steps=10, cache="deep:0", frames=4, progress=lambda m: None)

@@ -143,7 +143,8 @@ def format_description(d: dict) -> str:
     if d["split"] is not None:
         lines.append(f"split   encoder = blocks[:{d['split']}], decoder = blocks[{d['split']}:]")
     else:
-        lines.append("split   encoder = conv_in + down blocks + mid block, decoder = up blocks + output head")
+        temporal = " + transformer_in" if d["family"] == "unet3d" else ""
+        lines.append(f"split   encoder = conv_in{temporal} + down blocks + mid block, decoder = up blocks + output head")
     lines.append(f"sched   {d['scheduler'].get('_class_name')}")
     lines.append("stages")
     for name, s in d["stages"].items():

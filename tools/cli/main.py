@@ -88,7 +88,7 @@ def cmd_build(args) -> int:
     environment = _trt_environment(args) if args.backend == "tensorrt" else None
     options = {} if args.guidance is None else {"guidance": args.guidance}
     width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip,
-             "cache": args.cache}
+             "cache": args.cache, "frames": args.frames}
     options.update({k: v for k, v in width.items() if v is not None})
     out = build_bundle(
         args.model,
@@ -111,6 +111,19 @@ def cmd_build(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    bundle = Bundle.load(args.bundle)
+    if bundle.family == "unet3d":
+        from .video import generate_video
+
+        init = None
+        if args.init_noise:
+            try:
+                init = np.load(args.init_noise)
+            except (OSError, ValueError) as exc:
+                raise SamplingError(f"cannot read --init-noise {args.init_noise}: {exc}") from None
+        return generate_video(bundle, backend_from_args(args), options_from_args(bundle, args), init, args)
+    if args.frames is not None:
+        raise SamplingError("--frames applies to text-to-video bundles")
     from .generate import cmd_generate as generate
 
     return generate(args, backend_options(args), plan_arguments(args))
@@ -223,7 +236,7 @@ def cmd_tune(args) -> int:
     classes = args.class_labels or list(range(min(4, bundle.model_config.get("num_classes", 0))))
     record = tune(bundle, sampler, options, args.target_speedup, args.budget_flops, args.by, args.method, args.seeds,
                   classes=classes if bundle.family == "dit" else None,
-                  prompts=(args.prompt or ["a photo", "a drawing"]) if bundle.family == "unet" else None,
+                  prompts=(args.prompt or ["a photo", "a drawing"]) if bundle.family != "dit" else None,
                   progress=lambda t: print(f"  tried {t.plan}: PSNR {t.psnr:.2f} dB", file=sys.stderr))
     if not args.dry_run:
         write_tuned_plan(bundle, record)
@@ -266,6 +279,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="feature-caching stages to build: deep:ID[,ID...] (UNet, DeepCache branch ids "
                    "as in the deepcache package) or blocks:FIRST-LAST[,...] (DiT, block ranges skipped at cached steps)")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
+    p.add_argument("--frames", type=int, help="text-to-video: default frame count (FLOPs are counted at it; 16)")
     p.add_argument("--precision", help="stage graph precision: fp32 (default), fp16 or bf16 (every stage but the VAE; "
                    "norms, softmax and sin/cos stay fp32) or per stage, e.g. encoder=fp16,decoder=bf16")
     p.add_argument("--width", help="width profiles: none (dense), dydit (the checkpoint's routers; the default for "
@@ -287,6 +301,8 @@ def make_parser() -> argparse.ArgumentParser:
     from .generate import add_generate_arguments
 
     add_generate_arguments(p, list_flag)
+    p.add_argument("--frames", type=int, help="text-to-video: frames per video (default: the bundle's)")
+    p.add_argument("--fps", type=float, default=8.0, help="text-to-video: frames per second of the .gif/.mp4")
     add_backend_arguments(p)
     add_plan_arguments(p)
     p.set_defaults(func=cmd_generate)
