@@ -38,8 +38,8 @@ GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt")
 
 @dataclass
 class PipelineOutput:
-    """``images``: PIL images (``output_type="pil"``), float (N, H, W, C) in [0, 1] (``"np"``) or the latents
-    (``"latent"``). ``latents``: the final latents (N, C, h, w) float32, always. ``timing``: seconds per part."""
+    """``images``: PIL images (``output_type="pil"``; text-to-video: a list of frames per video), float
+    (N, H, W, C) in [0, 1] (``"np"``; videos (N, F, H, W, C)) or the latents (``"latent"``). ``latents``: the final latents (N, C, h, w) float32, always. ``timing``: seconds per part."""
 
     images: Any
     latents: np.ndarray
@@ -114,6 +114,7 @@ class Pipeline:
         noise_injection: bool | None = None,
         control_image: np.ndarray | None = None,
         controlnet_conditioning_scale: float = 1.0,
+        num_frames: int | None = None,
         return_dict: bool = True,
     ) -> PipelineOutput:
         """Generate. Unset plan arguments (steps, guidance, key steps, cache, scheduler) take the bundle's default
@@ -141,15 +142,28 @@ class Pipeline:
         sampled = time.perf_counter()
         images = result.latents
         if request.output_type != "latent":
-            pixels = self.sampler.decode(result.latents)  # uint8 (N, H, W, C)
-            images = to_pil(pixels) if request.output_type == "pil" else pixels.astype(np.float32) / 255.0
+            pixels = self.decode(result.latents)
+            if request.output_type == "np":
+                images = pixels.astype(np.float32) / 255.0
+            else:  # PIL images; for videos a list of frames per video, as diffusers' video pipelines return
+                images = [to_pil(v) for v in pixels] if pixels.ndim == 5 else to_pil(pixels)
         end = time.perf_counter()
         timing = {"total_s": end - start, "sampling_s": result.total_seconds, "stage_calls_s": sum(result.call_seconds),
                   "host_s": result.host_seconds, "decode_s": end - sampled,
                   "conditioning_s": sampled - start - result.total_seconds}
         return PipelineOutput(images, result.latents, timing, describe_run(result))
 
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Final latents -> uint8 images (N, H, W, C), or frames (N, F, H, W, C) for text-to-video bundles."""
+        if not self.can_decode:
+            raise RequestError("output_type", "this bundle makes latents, not images (no vae_decoder stage)")
+        return self.sampler.decode(latents)
+
     def _sample(self, r: GenerationRequest) -> SampleResult:
+        if self.family == "unet3d":
+            return self.sampler.sample(r.prompts, r.options, negative_prompt=r.negative_prompts, height=r.height,
+                                       width=r.width, init_noise=r.latents, seed=r.seed, generator=r.generator,
+                                       num_frames=r.num_frames)
         if self.family == "unet":
             return self.sampler.sample(r.prompts, r.options, negative_prompt=r.negative_prompts, height=r.height,
                                        width=r.width, init_noise=r.latents, seed=r.seed, generator=r.generator,

@@ -29,6 +29,8 @@ MAX_SEED = 2**63 - 1  # fits Triton's INT64 seed input
 MAX_THREADS = 1024
 MAX_PIXELS = 8192
 OUTPUT_TYPES = ("pil", "np", "latent")
+TEXT_FAMILIES = ("unet", "unet3d")  # prompt-conditioned (text-to-image, text-to-video)
+MAX_FRAMES = 1024
 
 # the API's argument -> the CLI flag that sets it (for CLI error messages)
 CLI_FLAGS = {
@@ -37,7 +39,7 @@ CLI_FLAGS = {
     "height": "--height", "width": "--width", "seed": "--seed", "latents": "--init-noise",
     "key_steps": "--key-steps", "cache": "--cache", "scheduler": "--scheduler", "max_decoder_batch":
     "--max-decoder-batch", "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
-    "threads": "--threads", "output_type": "--out",
+    "threads": "--threads", "output_type": "--out", "num_frames": "--frames", "fps": "--fps",
 }
 
 
@@ -70,6 +72,7 @@ class GenerationRequest:
     output_type: str = "pil"
     control_image: np.ndarray | None = None
     control_scale: float = 1.0
+    num_frames: int | None = None  # text-to-video: frames per video
 
 
 def check_int(field: str, value: Any, low: int, high: int | None = None) -> int:
@@ -160,10 +163,16 @@ def validate_request(
     noise_injection: bool | None = None,
     control_image: np.ndarray | None = None,
     controlnet_conditioning_scale: float = 1.0,
+    num_frames: int | None = None,
     can_decode: bool = True,
 ) -> GenerationRequest:
     """Check every argument against ``bundle`` (its family, classes, scheduler, sizes, stages, cache variants)."""
-    text = bundle.family == "unet"
+    text = bundle.family in TEXT_FAMILIES
+    if bundle.family == "unet3d":
+        num_frames = check_int("num_frames", bundle.model_config["num_frames"] if num_frames is None else num_frames,
+                               1, MAX_FRAMES)
+    elif num_frames is not None:
+        raise RequestError("num_frames", "applies to text-to-video bundles")
     # --- what to generate --------------------------------------------------------------------------------------
     prompts = negatives = labels = None
     per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 1, MAX_IMAGES)
@@ -216,7 +225,7 @@ def validate_request(
         raise RequestError("generator", f"must be a numpy.random.Generator, got {type(generator).__name__}")
     seed = 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
     if latents is not None:
-        latents = check_latents(bundle, latents, images, height, width)
+        latents = check_latents(bundle, latents, images, height, width, num_frames)
     if output_type not in OUTPUT_TYPES:
         raise RequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {_show(output_type)}")
     if output_type != "latent" and not can_decode:
@@ -228,7 +237,7 @@ def validate_request(
             raise RequestError("control_image", "this bundle has no ControlNet stage (build it with --controlnet)")
         control_image = check_control_image(control_image, images, height, width)
     return GenerationRequest(options, images, prompts, negatives, labels, height, width, seed, generator, latents,
-                             output_type, control_image, scale)
+                             output_type, control_image, scale, num_frames)
 
 
 def validate_options(
@@ -274,7 +283,7 @@ def validate_options(
 def image_size(bundle: Bundle) -> tuple[int, int]:
     """The size a bundle's images come out at by default: (height, width) in pixels."""
     cfg = bundle.model_config
-    if bundle.family == "unet":
+    if bundle.family in TEXT_FAMILIES:
         return tuple(s * cfg["vae_scale_factor"] for s in cfg["sample_size"])
     if "vae_decoder" in bundle.stages:  # a DiT's VAE stage is exported at its one latent size: static axes
         height, width = bundle.stage("vae_decoder").outputs[0].shape[-2:]
@@ -285,11 +294,12 @@ def image_size(bundle: Bundle) -> tuple[int, int]:
 def check_size(bundle: Bundle, height: Any, width: Any) -> tuple[int | None, int | None]:
     """UNets take multiples of what their down path divides by; a DiT makes exactly its trained size."""
     default = image_size(bundle)
+    unet = bundle.family in TEXT_FAMILIES
     if height is None and width is None:
-        return (None, None) if bundle.family != "unet" else default
+        return default if unet else (None, None)
     h = default[0] if height is None else check_int("height", height, 1, MAX_PIXELS)
     w = default[1] if width is None else check_int("width", width, 1, MAX_PIXELS)
-    if bundle.family != "unet":
+    if not unet:
         if (h, w) != default:
             field = "height" if h != default[0] else "width"
             raise RequestError(field, f"this DiT makes {default[0]}x{default[1]} images only, got {h}x{w}")
@@ -303,16 +313,18 @@ def check_size(bundle: Bundle, height: Any, width: Any) -> tuple[int | None, int
     return h, w
 
 
-def check_latents(bundle: Bundle, latents: Any, images: int, height: int | None, width: int | None) -> np.ndarray:
+def check_latents(bundle: Bundle, latents: Any, images: int, height: int | None, width: int | None,
+                  frames: int | None = None) -> np.ndarray:
     cfg = bundle.model_config
-    if bundle.family == "unet":
+    if bundle.family in TEXT_FAMILIES:
         f = cfg["vae_scale_factor"]
-        shape = (images, cfg["in_channels"], height // f, width // f)
+        shape = (images, cfg["in_channels"], *((frames,) if frames else ()), height // f, width // f)
     else:
         shape = (images, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     array = np.asarray(latents)
     if array.shape != shape:
-        raise RequestError("latents", f"shape {array.shape}, expected {shape} (images, channels, height, width)")
+        layout = "videos, channels, frames, height, width" if frames else "images, channels, height, width"
+        raise RequestError("latents", f"shape {array.shape}, expected {shape} ({layout})")
     if not np.issubdtype(array.dtype, np.floating):
         raise RequestError("latents", f"must be floating point, got {array.dtype}")
     if not np.isfinite(array).all():

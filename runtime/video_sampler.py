@@ -23,10 +23,11 @@ class VideoSampler(UNetSampler):
         super().__init__(bundle, backend)
         self.default_frames = int(bundle.model_config["num_frames"])
 
-    def initial_noise(self, images: int, height: int, width: int, seed: int, frames: int | None = None) -> np.ndarray:
+    def initial_noise(self, images: int, height: int, width: int, seed: int, frames: int | None = None,
+                      generator: np.random.Generator | None = None) -> np.ndarray:
         f = self.vae_scale_factor
         shape = (images, self.latent_channels, frames or self.default_frames, height // f, width // f)
-        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return self.initial_noise_from(shape, seed, generator)
 
     def sample(
         self,
@@ -40,6 +41,7 @@ class VideoSampler(UNetSampler):
         num_frames: int | None = None,
         control_image=None,
         control_scale: float = 1.0,
+        generator: np.random.Generator | None = None,
     ) -> SampleResult:
         """One video per prompt, ``num_frames`` frames (default: the bundle's, TextToVideoSDPipeline's 16)."""
         if not prompts:
@@ -56,7 +58,7 @@ class VideoSampler(UNetSampler):
         videos = len(prompts)
         expected = (videos, self.latent_channels, frames, height // f, width // f)
         if init_noise is None:
-            noise = self.initial_noise(videos, height, width, seed, frames)
+            noise = self.initial_noise(videos, height, width, seed, frames, generator)
         elif np.shape(init_noise) != expected:
             raise SamplingError(f"initial noise has shape {np.shape(init_noise)}, expected {expected} "
                                 f"(videos, C, frames, H, W)")
@@ -68,7 +70,7 @@ class VideoSampler(UNetSampler):
             if len(negatives) != videos:
                 raise SamplingError(f"{len(negatives)} negative prompts for {videos} prompts")
             text = np.concatenate([self.encode_text(negatives), text])
-        return self.run_plan(noise, options, TextToImageContext(text, None, 1.0), seed=seed)
+        return self.run_plan(noise, options, TextToImageContext(text, None, 1.0), seed=seed, generator=generator)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Frames as uint8 ``(videos, frames, H, W, 3)`` through the VAE, ``VAE_FRAMES_PER_CALL`` frames a call."""

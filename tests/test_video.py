@@ -184,9 +184,10 @@ def test_cli_text_to_video(video_bundle_dir, tmp_path, capsys):
             assert (image.size, image.n_frames, image.info["duration"], image.info["loop"]) == ((64, 48), 5, 250, 0)
     out = capsys.readouterr().out
     assert "5 frames" in out and "4 key steps of 4" in out
-    for argv, message in [(["--frames", "0"], "frames must be at least 1"),
+    for argv, message in [(["--frames", "0"], "--frames: must be in 1..1024, got 0"),
                           (["--out", str(tmp_path / "v.avi")], "use a .gif or .mp4"),
-                          (["--class", "3"], "needs --prompt")]:
+                          (["--fps", "0"], "--fps: must be a positive number"),
+                          (["--class", "3"], "--class: this is a text-to-image bundle: it takes a prompt")]:
         args = argv if argv[0] == "--class" else ["--prompt", PROMPT, *argv]
         assert main(["generate", str(video_bundle_dir), "--steps", "2", *args]) == 2
         assert message in capsys.readouterr().err
@@ -298,3 +299,35 @@ def test_deeper_unet3d_baseline_and_key_steps(deep_video, scheduler_name):
                         init_noise=latents.numpy(), num_frames=9)
     assert list(fd.prepared.plan.key_steps)[:5] == keys[: len(fd.prepared.plan.key_steps)]
     np.testing.assert_allclose(fd.latents, reference, **TOL)
+
+
+def test_python_api_makes_the_cli_videos(video_bundle_dir, tmp_path):
+    """keystep.load() on a text-to-video bundle: the CLI's latents for the same inputs, frames per video as PIL."""
+    import keystep
+
+    z = tmp_path / "z.npy"
+    assert main(["generate", str(video_bundle_dir), "--prompt", PROMPT, "--frames", "4", "--steps", "3", "--seed", "5",
+                 "--height", "48", "--width", "64", "--save-latents", str(z)]) == 0
+    pipe = keystep.load(video_bundle_dir)
+    out = pipe(prompt=PROMPT, num_frames=4, num_inference_steps=3, seed=5, height=48, width=64)
+    np.testing.assert_array_equal(out.latents, np.load(z))
+    assert len(out.images) == 1 and len(out.images[0]) == 4 and out.images[0][0].size == (64, 48)
+    with pytest.raises(keystep.KeystepError, match="num_frames: must be in 1..1024"):
+        pipe(prompt=PROMPT, num_frames=0)
+
+
+def test_triton_orchestrator_serves_videos(video_bundle_dir):
+    """The Triton model's core on a text-to-video bundle: (1, F, H, W, 3) frames per row, the API's for that seed."""
+    import keystep
+    from keystep.runtime.triton.orchestrator import OrchestratorCore
+
+    pipe = keystep.load(video_bundle_dir)
+    core = OrchestratorCore(pipe, max_rows=2)
+    inputs = {"prompt": np.array([[PROMPT.encode()]], object), "seed": np.array([[3]], np.int64),
+              "steps": np.array([[2]], np.int32), "num_frames": np.array([[3]], np.int32),
+              "height": np.array([[48]], np.int32), "width": np.array([[64]], np.int32)}
+    out = core.execute([(inputs, None)])[0]
+    expected = pipe(prompt=PROMPT, seed=3, num_inference_steps=2, num_frames=3, height=48, width=64, output_type="np")
+    assert out["image"].shape == (1, 3, 48, 64, 3)
+    np.testing.assert_array_equal(out["image"], np.round(expected.images * 255).astype(np.uint8))
+    np.testing.assert_array_equal(out["latents"], expected.latents)

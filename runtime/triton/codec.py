@@ -14,9 +14,10 @@ steps               INT32    num_inference_steps (the same for every row of a re
 guidance_scale      FP32     classifier-free guidance scale
 plan                BYTES    "all", "default", "uniform:6", "0,1,2,5", "deep0:uniform:3", "default+deep0:..."
 height, width       INT32    image size in pixels (UNets)
+num_frames          INT32    text-to-video bundles: frames per video
 ==================  =======  ==========================================================================
 
-Outputs: ``image`` UINT8 (B, H, W, C) and ``latents`` FP32 (B, C, h, w) (ask for it to get it).
+Outputs: ``image`` UINT8 (B, H, W, C) — text-to-video (B, F, H, W, C) — and ``latents`` FP32 (B, C, [F,] h, w).
 
 A row's image depends only on its own inputs (its seed draws its own z_T, and DDPM's per-step noise comes from
 ``default_rng(seed + 1)`` per row), so merging requests into one run, which Triton's dynamic batcher makes
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import KeystepError
 from ..pipeline import Pipeline
-from ..request import MAX_SEED, GenerationRequest, RequestError, check_int
+from ..request import MAX_SEED, TEXT_FAMILIES, GenerationRequest, RequestError, check_int
 from ..sampler import SamplingOptions
 
 # name -> (Triton data type, numpy dtype, per-request scalar: the same for all rows)
@@ -46,6 +47,7 @@ INPUTS = {
     "plan": ("TYPE_STRING", np.object_, True),
     "height": ("TYPE_INT32", np.int32, True),
     "width": ("TYPE_INT32", np.int32, True),
+    "num_frames": ("TYPE_INT32", np.int32, True),  # text-to-video bundles
 }
 OUTPUTS = {"image": ("TYPE_UINT8", np.uint8), "latents": ("TYPE_FP32", np.float32)}
 
@@ -65,7 +67,7 @@ class RowRequest:
     def group_key(self) -> str:
         """Requests with equal keys run as one sampling run (same plan, steps, guidance, size)."""
         r = self.request
-        return json.dumps([vars(r.options), r.height, r.width], sort_keys=True, default=str)
+        return json.dumps([vars(r.options), r.height, r.width, r.num_frames], sort_keys=True, default=str)
 
 
 def _rows(name: str, value: np.ndarray, rows: int | None) -> np.ndarray:
@@ -104,7 +106,7 @@ def decode_request(pipe: Pipeline, inputs: dict[str, np.ndarray], requested: set
     unknown = set(inputs) - set(INPUTS)
     if unknown:
         raise RequestError(sorted(unknown)[0], f"is not an input of this model (inputs: {', '.join(INPUTS)})")
-    text = pipe.family == "unet"
+    text = pipe.family in TEXT_FAMILIES
     main = "prompt" if text else "class_label"
     if main not in inputs:
         other = "class_label" if text else "prompt"
@@ -127,7 +129,7 @@ def decode_request(pipe: Pipeline, inputs: dict[str, np.ndarray], requested: set
             arguments["prompt"] = _text("prompt", values.get("prompt", values.get("negative_prompt")))
     seeds = [check_int("seed", s, 0, MAX_SEED) for s in values["seed"].tolist()] if "seed" in values else [0] * rows
     for name, argument in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
-                           ("height", "height"), ("width", "width")):
+                           ("height", "height"), ("width", "width"), ("num_frames", "num_frames")):
         if name in values:
             arguments[argument] = _scalar(name, values[name])
     if "plan" in values:  # key-step spec vocabulary, as --key-steps/--cache: "default" is the family's default rule
@@ -172,9 +174,10 @@ def merged_request(parts: list[RowRequest], latent_shape) -> GenerationRequest:
 
 def latent_shape(pipe: Pipeline, request: GenerationRequest) -> tuple[int, ...]:
     cfg = pipe.bundle.model_config
-    if pipe.family == "unet":
+    if pipe.family in TEXT_FAMILIES:
         f = cfg["vae_scale_factor"]
-        return cfg["in_channels"], request.height // f, request.width // f
+        frames = (request.num_frames,) if request.num_frames else ()
+        return cfg["in_channels"], *frames, request.height // f, request.width // f
     return cfg["in_channels"], cfg["input_size"], cfg["input_size"]
 
 

@@ -16,9 +16,10 @@ import numpy as np
 
 from keystep.runtime.atomic import write_atomic
 from keystep.runtime.bundle import Bundle
-from keystep.runtime.pipeline import Pipeline, make_backend
+from keystep.runtime.pipeline import Pipeline, make_backend, to_pil
 from keystep.runtime.request import RequestError, check_size
 from keystep.runtime.sampler import SamplingError
+from keystep.runtime.video_output import check_video_path, write_videos
 
 
 def add_generate_arguments(p, list_flag) -> None:
@@ -37,6 +38,8 @@ def add_generate_arguments(p, list_flag) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (0..2^63-1)")
     p.add_argument("--init-noise", help="z_T as a .npy of shape (images, C, H, W)")
     p.add_argument("--save-latents", help="write the final latents (float32 .npy)")
+    p.add_argument("--frames", type=int, help="text-to-video: frames per video (default: the bundle's)")
+    p.add_argument("--fps", type=float, default=8.0, help="text-to-video: frames per second of the .gif/.mp4")
 
 
 def cmd_generate(args, backend_options: dict, plan_arguments: dict) -> int:
@@ -58,22 +61,33 @@ def cmd_generate(args, backend_options: dict, plan_arguments: dict) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, class_labels=class_labels,
         num_images_per_prompt=args.images, height=args.height, width=args.width, seed=args.seed, latents=init,
         output_type="latent", control_image=control, controlnet_conditioning_scale=args.control_scale,
-        **plan_arguments)
+        num_frames=args.frames, **plan_arguments)
     out, latents_path = output_paths(args, pipe)
-    if out is not None:
-        request = replace(request, output_type="pil")
-        if not args.out:
-            print(f"no --out given: writing {out}")
+    if out is not None and not args.out:
+        print(f"no --out given: writing {out}")
     result = pipe.run(request)
     if latents_path:
         write_file(latents_path, lambda f: np.save(f, result.latents.astype(np.float32)))
         print(f"wrote latents {latents_path}")
     if out:
-        for path, image in zip(image_paths(out, len(result.images)), result.images):
-            write_file(path, lambda f, image=image: image.save(f, format=image_format(path)))
+        pixels = pipe.decode(result.latents)
+        if pipe.family == "unet3d":
+            paths = write_videos(pixels, out, check_fps(args.fps))
+        else:
+            paths = image_paths(out, len(pixels))
+            for path, image in zip(paths, to_pil(pixels)):
+                write_file(path, lambda f, image=image, path=path: image.save(f, format=image_format(path)))
+        for path in paths:
             print(f"wrote {path}")
-    print(f"{result.plan}, {result.timing['sampling_s']:.2f} s sampling")
+    frames = f", {result.latents.shape[2]} frames" if pipe.family == "unet3d" else ""
+    print(f"{result.plan}{frames}, {result.timing['sampling_s']:.2f} s sampling")
     return 0
+
+
+def check_fps(fps: float) -> float:
+    if not fps > 0 or fps == float("inf"):
+        raise RequestError("fps", f"must be a positive number, got {fps}")
+    return fps
 
 
 def output_paths(args, pipe: Pipeline) -> tuple[Path | None, Path | None]:
@@ -87,10 +101,10 @@ def output_paths(args, pipe: Pipeline) -> tuple[Path | None, Path | None]:
         if not pipe.can_decode:
             raise SamplingError("this bundle makes latents, not images (no vae_decoder stage): "
                                 "pass --save-latents FILE.npy")
-        out = Path(f"{Path(args.bundle).resolve().name}.png")
+        out = Path(f"{Path(args.bundle).resolve().name}.{'gif' if pipe.family == 'unet3d' else 'png'}")
     if out is not None:
         check_writable(out, "--out")
-        image_format(out)
+        check_video_path(out) if pipe.family == "unet3d" else image_format(out)
     if latents is not None:
         if latents.suffix != ".npy":
             raise SamplingError(f"--save-latents {latents}: the file is a numpy .npy, name it so")

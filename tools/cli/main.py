@@ -111,19 +111,6 @@ def cmd_build(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    bundle = Bundle.load(args.bundle)
-    if bundle.family == "unet3d":
-        from .video import generate_video
-
-        init = None
-        if args.init_noise:
-            try:
-                init = np.load(args.init_noise)
-            except (OSError, ValueError) as exc:
-                raise SamplingError(f"cannot read --init-noise {args.init_noise}: {exc}") from None
-        return generate_video(bundle, backend_from_args(args), options_from_args(bundle, args), init, args)
-    if args.frames is not None:
-        raise SamplingError("--frames applies to text-to-video bundles")
     from .generate import cmd_generate as generate
 
     return generate(args, backend_options(args), plan_arguments(args))
@@ -301,8 +288,6 @@ def make_parser() -> argparse.ArgumentParser:
     from .generate import add_generate_arguments
 
     add_generate_arguments(p, list_flag)
-    p.add_argument("--frames", type=int, help="text-to-video: frames per video (default: the bundle's)")
-    p.add_argument("--fps", type=float, default=8.0, help="text-to-video: frames per second of the .gif/.mp4")
     add_backend_arguments(p)
     add_plan_arguments(p)
     p.set_defaults(func=cmd_generate)

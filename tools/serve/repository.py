@@ -29,6 +29,7 @@ from keystep.runtime.atomic import publish_directory
 from keystep.runtime.bundle import Bundle, StageSpec
 from keystep.runtime.engine_plan import ENGINE_DIR, EngineIndex, EngineTargets, profiles_from_calls
 from keystep.runtime.errors import KeystepError
+from keystep.runtime.request import TEXT_FAMILIES
 from keystep.runtime.triton.codec import INPUTS
 
 STAGE_FLAVOURS = ("python", "onnxruntime", "tensorrt")
@@ -159,18 +160,22 @@ def stage_config(spec: StageSpec, options: RepositoryOptions, bundle_rel: str, m
 def orchestrator_config(bundle: Bundle, options: RepositoryOptions, stage_models: dict[str, str], can_decode: bool):
     mc = model_config_pb2()
     config = mc.ModelConfig(name=options.name, backend="python", max_batch_size=options.max_batch)
-    text = bundle.family == "unet"
+    text = bundle.family in TEXT_FAMILIES
+    video = bundle.family == "unet3d"
     wanted = ["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "plan", "height", "width"] if text \
         else ["class_label", "seed", "steps", "guidance_scale", "plan"]
+    wanted += ["num_frames"] if video else []
     for name in wanted:
         entry = config.input.add(name=name, data_type=getattr(mc, INPUTS[name][0]), optional=name not in
                                  ("prompt", "class_label"))
         entry.dims.append(1)
     channels = bundle.stage("vae_decoder").outputs[0].shape[1] if "vae_decoder" in bundle.stages \
         else bundle.model_config["in_channels"]
+    frames = [-1] if video else []  # text-to-video: (frames, H, W, C) per row
     if can_decode:
-        config.output.add(name="image", data_type=mc.TYPE_UINT8, dims=[-1, -1, channels])
-    config.output.add(name="latents", data_type=mc.TYPE_FP32, dims=[bundle.model_config["in_channels"], -1, -1])
+        config.output.add(name="image", data_type=mc.TYPE_UINT8, dims=[*frames, -1, -1, channels])
+    config.output.add(name="latents", data_type=mc.TYPE_FP32,
+                      dims=[bundle.model_config["in_channels"], *frames, -1, -1])
     if options.dynamic_batching:
         config.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
     config.instance_group.add(count=options.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -294,7 +299,7 @@ def link_file(src: Path, dst: Path) -> None:
 
 
 def repository_readme(bundle: Bundle, options: RepositoryOptions, stage_models: dict[str, str], can_decode: bool) -> str:
-    text = bundle.family == "unet"
+    text = bundle.family in TEXT_FAMILIES
     example_input = ('"prompt": [["a handwritten 7"]]' if text else '"class_label": [[3]]')
     stages = "\n".join(f"| `{m}` | stage `{s}` | {options.stage_backend} |" for s, m in stage_models.items())
     calls = ("in-process: the orchestrator runs every stage itself with keystep's "
