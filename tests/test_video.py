@@ -202,11 +202,11 @@ def test_cli_mp4(video_bundle_dir, tmp_path, capsys):
     imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="MP4 output needs the video extra")
     out = tmp_path / "v.mp4"
     assert main(["generate", str(video_bundle_dir), "--prompt", PROMPT, "--frames", "6", "--steps", "3",
-                 "--height", "56", "--width", "40", "--fps", "6", "--out", str(out)]) == 0
+                 "--height", "48", "--width", "32", "--fps", "6", "--out", str(out)]) == 0
     frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(out))
     assert frames == 6 and seconds == pytest.approx(1.0, abs=0.1)
     reader = imageio_ffmpeg.read_frames(str(out))
-    assert next(reader)["size"] == (40, 56)
+    assert next(reader)["size"] == (32, 48)
     reader.close()
 
 
