@@ -1,7 +1,7 @@
 """The embedded runtime: ``keystep.load(BUNDLE)`` and a call in diffusers' vocabulary.
 
 >>> import keystep
->>> pipe = keystep.load("digits-sd-bundle")                       # backend="onnxruntime" by default
+>>> pipe = keystep.load("digits-sd-bundle")                       # backend="auto" by default
 >>> out = pipe(prompt="a handwritten 7", num_inference_steps=50, guidance_scale=2.0, seed=0)
 >>> out.images[0].save("seven.png")                              # PIL images; output_type="np" | "latent" too
 >>> pipe = keystep.load("digits-dit-bundle")
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.auto import default_backend_name
 from .backends.base import Backend, BackendError, get_backend
 from .bundle import Bundle
 from .plan import PlanError
@@ -50,12 +51,15 @@ class PipelineOutput:
         return iter((self.images,))
 
 
-def make_backend(name: str = "onnxruntime", threads: int | None = None, precision: str | None = None,
+def make_backend(name: str | None = None, threads: int | None = None, precision: str | None = None,
                  device: int = 0, cuda_graphs: bool = True) -> Backend:
-    """A backend by name with the options it understands (threads; OpenVINO precision; GPU device and graphs)."""
+    """A backend by name with the options it understands (threads; OpenVINO precision; GPU device and graphs).
+    No name: ``$KEYSTEP_BACKEND`` or ``auto`` — the fastest CPU backend/precision for this CPU
+    (:mod:`keystep.runtime.backends.auto`; with ``precision`` "f32" or "bf16", the fastest at that precision)."""
+    name = name or default_backend_name()
     options: dict[str, Any] = {"threads": check_threads(threads)}
     if precision is not None:
-        if name != "openvino":
+        if name not in ("openvino", "auto"):
             raise BackendError("precision applies to the openvino backend (ONNX Runtime runs the graph's own types; "
                                "build a bf16/fp16 bundle with keystep build --precision)")
         options["precision"] = precision
@@ -64,14 +68,15 @@ def make_backend(name: str = "onnxruntime", threads: int | None = None, precisio
     return get_backend(name, **options)
 
 
-def load(bundle: str | Path | Bundle, backend: str | Backend = "onnxruntime", *, threads: int | None = None,
+def load(bundle: str | Path | Bundle, backend: str | Backend | None = None, *, threads: int | None = None,
          precision: str | None = None, device: int = 0, cuda_graphs: bool = True, verify: bool = True) -> "Pipeline":
-    """Load a bundle (verifying its manifest and file hashes) onto a backend: ``onnxruntime`` (default),
-    ``openvino`` (``precision="bf16"`` where the CPU has it), ``tensorrt``, ``onnxruntime-cuda``, ... Stage sessions
-    load on first use."""
+    """Load a bundle (verifying its manifest and file hashes) onto a backend: ``auto`` (the default: the fastest CPU
+    backend/precision for this CPU — OpenVINO bf16 where the CPU has native bf16; ``$KEYSTEP_BACKEND`` replaces the
+    default), ``onnxruntime``, ``openvino`` (``precision="bf16"`` where the CPU has it), ``tensorrt``,
+    ``onnxruntime-cuda``, ... Stage sessions load on first use."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle, verify=verify)
-    if isinstance(backend, str):
+    if backend is None or isinstance(backend, str):
         backend = make_backend(backend, threads, precision, device, cuda_graphs)
     return Pipeline(bundle, backend)
 

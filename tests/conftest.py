@@ -1,8 +1,14 @@
 """Shared fixtures: tiny random models in both checkpoint formats, and bundles built from them (once per run)."""
 
 import json
+import os
 
 import pytest
+
+# The suite checks fp32 numerics against independent references with fp32 tolerances, so its default backend is
+# ONNX Runtime fp32; `auto` (the product's default: OpenVINO bf16 on CPUs with native bf16) is tested on its own in
+# test_auto_backend.py. Set here, before any test, so CLI calls and subprocesses (Triton) inherit it.
+os.environ.setdefault("KEYSTEP_BACKEND", "onnxruntime")
 import torch
 
 from dit_reference import make_diffusers_dit, random_original_dit

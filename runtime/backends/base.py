@@ -90,13 +90,34 @@ _BACKENDS = {
 }
 
 
+AUTO = "auto"  # the fastest CPU backend/precision for this CPU (keystep.runtime.backends.auto)
+
+
 def backend_names() -> list[str]:
-    """Every registered backend, installed here or not (the CLI's --backend choices)."""
-    return list(_BACKENDS)
+    """Every registered backend, installed here or not, and ``auto`` (the CLI's --backend choices)."""
+    return [AUTO, *_BACKENDS]
 
 
 def get_backend(name: str, **options) -> Backend:
+    """A backend by name. ``auto`` resolves to the choice for this CPU; the backend made then carries it as
+    ``.choice`` (a :class:`~keystep.runtime.backends.auto.BackendChoice`)."""
+    if name == AUTO:
+        from .auto import auto_choice
+
+        choice = auto_choice(options.pop("precision", None))
+        if choice.precision is not None:
+            options["precision"] = choice.precision
+        backend = get_backend(choice.backend, **options)
+        backend.choice = choice
+        return backend
     if name not in _BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; available: {', '.join(_BACKENDS)}")
+        raise BackendError(f"unknown backend {name!r}; available: {', '.join(backend_names())}")
     module, cls = _BACKENDS[name]
     return getattr(importlib.import_module(module), cls)(**options)
+
+
+def describe_backend(backend) -> str:
+    """What a backend is, for reports: ``openvino bf16 (auto: native bf16: avx512_bf16)``."""
+    text = backend.describe() if hasattr(backend, "describe") else backend.name
+    choice = getattr(backend, "choice", None)
+    return f"{text} (auto: {choice.reason})" if choice is not None else text

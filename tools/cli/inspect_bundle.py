@@ -66,7 +66,18 @@ def describe_bundle(bundle: Bundle, options, images: int = 1) -> dict:
     if "tuned" in bundle.manifest:
         description["tuned"] = bundle.manifest["tuned"]
     description["gpu"] = describe_gpu(bundle, options, images)
+    description["cpu"] = describe_cpu()
     return description
+
+
+def describe_cpu() -> dict:
+    """What ``--backend auto`` (the default) runs this bundle on here, and why."""
+    from keystep.runtime.backends.auto import auto_choice, cpu_flags, default_backend_name
+
+    choice = auto_choice()
+    return {"default_backend": default_backend_name(), "auto": {"backend": choice.backend,
+            "precision": choice.precision, "reason": choice.reason},
+            "bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f)}
 
 
 def describe_gpu(bundle: Bundle, options, images: int) -> dict:
@@ -181,7 +192,20 @@ def format_description(d: dict) -> str:
     if "tuned" in d:
         lines += format_tuned(d["tuned"])
     lines += format_gpu(d["gpu"])
+    lines += format_cpu(d["cpu"])
     return "\n".join(lines)
+
+
+def format_cpu(c: dict) -> list[str]:
+    auto = c["auto"]
+    runs = f"{auto['backend']}{' ' + auto['precision'] if auto['precision'] else ''}"
+    default = "" if c["default_backend"] == "auto" else f" (default backend here: {c['default_backend']}, " \
+        "from $KEYSTEP_BACKEND)"
+    lines = [f"cpu     --backend auto runs this bundle on {runs}: {auto['reason']}{default}"]
+    if auto["precision"] == "bf16":
+        lines.append("        bf16 rounds activations and weights: `keystep profile BUNDLE` reports each plan's final "
+                     "latents against fp32 (PSNR, rel L2); --precision f32 keeps fp32")
+    return lines
 
 
 def format_gpu(g: dict) -> list[str]:

@@ -47,9 +47,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="onnxruntime", choices=backend_names())
+    p.add_argument("--backend", choices=backend_names(),
+                   help="default: $KEYSTEP_BACKEND or auto, the fastest CPU backend/precision for this CPU (OpenVINO "
+                   "bf16 where the CPU has native bf16, else OpenVINO f32, else ONNX Runtime)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
-    p.add_argument("--precision", choices=["f32", "bf16"], help="openvino inference precision hint (default f32)")
+    p.add_argument("--precision", choices=["f32", "bf16"],
+                   help="openvino (or auto) inference precision (default: openvino f32; auto bf16 where native)")
     p.add_argument("--device", type=int, default=0, help="CUDA device (GPU backends)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="GPU backends: plain execution instead of one CUDA graph per distinct call")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keystep.runtime.backends.base import describe_backend
 from keystep.runtime.bundle import Bundle, IOSpec, StageSpec
 from keystep.runtime.errors import KeystepError
 from keystep.runtime.sampler import SamplingError, SamplingOptions
@@ -116,7 +117,8 @@ _PEAK_CACHE: dict[tuple, dict] = {}
 def measure_peak(backend, size: int = PEAK_SIZE, runs: int = 8) -> dict:
     """GFLOP/s of one float32 (size x size) @ (size x size) MatMul through ``backend`` (best of ``runs``). Falls
     back to numpy's matmul when onnx is not importable or the backend cannot run the graph, and says so."""
-    key = (getattr(backend, "name", type(backend).__name__), _backend_threads(backend), size)
+    key = (getattr(backend, "name", type(backend).__name__), getattr(backend, "precision", None),
+           _backend_threads(backend), size)
     if key in _PEAK_CACHE:
         return dict(_PEAK_CACHE[key])
     flops = 2 * size**3
@@ -251,9 +253,9 @@ def profile_bundle(
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     if backend is None:
-        from keystep.runtime.backends.base import get_backend
+        from keystep.runtime.pipeline import make_backend
 
-        backend = get_backend("onnxruntime")
+        backend = make_backend()  # $KEYSTEP_BACKEND or auto
     options = options or SamplingOptions.from_bundle(bundle)
     sampler = profiled_sampler(bundle, backend)
     if bundle.family == "unet3d":
@@ -294,11 +296,23 @@ def profile_bundle(
     peak = measure_peak(backend, peak_size)
 
     runs: dict[str, list[dict]] = {e.name: [] for e in entries}
+    final_latents = {}
     for round_ in range(warmup + repeats):
         for entry in entries:
             measured = _run_once(sampler, run, entry.options, stage_flops)
+            final_latents[entry.name] = measured.pop("latents")
             if round_ >= warmup:
                 runs[entry.name].append(measured)
+    precision_error = None
+    if getattr(backend, "precision", None) == "bf16":  # what bf16 costs in accuracy, on these very inputs
+        reference = _fp32_twin(backend)
+        ref_sampler = profiled_sampler(bundle, reference)
+        ref_run = (_video_workload(ref_sampler, class_labels, prompts, negative_prompt, height, width, frames,
+                                   control_image, seed) if bundle.family == "unet3d" else
+                   _workload(ref_sampler, bundle, class_labels, prompts, negative_prompt, height, width,
+                             control_image, control_scale, seed))[0]
+        precision_error = {"reference": describe_backend(reference), "plans": {
+            e.name: latent_error(final_latents[e.name], ref_run(e.options)[0].latents) for e in entries}}
 
     plans_out = [_summarise(entry, runs[entry.name], images, peak) for entry in entries]
     base = plans_out[0]
@@ -310,7 +324,7 @@ def profile_bundle(
     return {
         "bundle": str(bundle.root),
         "family": bundle.family,
-        "backend": getattr(backend, "name", type(backend).__name__),
+        "backend": describe_backend(backend),
         "threads": _backend_threads(backend),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
         "settings": {
@@ -331,7 +345,25 @@ def profile_bundle(
         "plans": plans_out,
         # GPU backends: CUDA graphs captured, fallbacks, device memory for I/O buffers and shared activations
         "gpu": backend.stats() if hasattr(backend, "stats") else None,
+        # bf16 inference: each plan's final latents against the same plan at fp32 (same inputs)
+        "precision_error": precision_error,
     }
+
+
+def _fp32_twin(backend):
+    """The same backend at fp32 (the reference bf16 is measured against)."""
+    from keystep.runtime.backends.base import get_backend
+
+    return get_backend(backend.name, threads=_backend_threads(backend), precision="f32")
+
+
+def latent_error(latents: np.ndarray, reference: np.ndarray) -> dict:
+    """Final latents against fp32's: max |diff|, relative L2, and PSNR over the reference's range."""
+    diff = latents.astype(np.float64) - reference
+    rmse = float(np.sqrt(np.mean(diff ** 2)))
+    span = float(reference.max() - reference.min())
+    return {"max_abs": float(np.abs(diff).max()), "rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(reference)),
+            "psnr_db": float("inf") if rmse == 0 else float(20 * np.log10(span / rmse))}
 
 
 def _workload(sampler, bundle, class_labels, prompts, negative_prompt, height, width, control_image, control_scale,
@@ -435,6 +467,7 @@ def _run_once(sampler, run, options, stage_flops) -> dict:
                         if stage_kind(e.stage) not in PLAN_STAGES and loop_start <= e.start <= loop_end)
     stage_seconds = sum(item["seconds"] for item in timeline)
     return {
+        "latents": result.latents,  # taken out by the caller (precision error), not reported
         "total": total,
         "sampling": result.total_seconds,
         "host": total - stage_seconds,
@@ -629,6 +662,11 @@ def _header_lines(d: dict) -> list[str]:
         lines.append(f"  note: {d['flops_note']}")
     if d.get("gpu"):
         lines.append("  gpu: " + ", ".join(f"{k.replace('_', ' ')} {_gpu_value(k, v)}" for k, v in d["gpu"].items()))
+    if d.get("precision_error"):
+        e = d["precision_error"]
+        lines.append(f"  bf16 error vs {e['reference']} (same inputs, final latents): " + "; ".join(
+            f"{name}: max |diff| {v['max_abs']:.2e}, rel L2 {v['rel_l2']:.2e}, PSNR {v['psnr_db']:.1f} dB"
+            for name, v in e["plans"].items()))
     if d.get("width"):
         w = d["width"]
         lines.append(f"  width profiles {w['spec']}, token selection {w['token_selection']}"

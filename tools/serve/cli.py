@@ -11,6 +11,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from keystep.runtime.backends.auto import default_backend_name
+
 from .repository import STAGE_CALLS, STAGE_FLAVOURS, RepositoryOptions, write_repository
 
 
@@ -24,8 +26,9 @@ def add_repository_arguments(p, list_flag, serving: bool) -> None:
                    help="where the orchestrator's stage calls go: BLS requests to the stage models, or in-process "
                    "(one Python model runs everything; python flavour only)")
     g.add_argument("--name", default="keystep", help="the orchestrator model's name (stage models: NAME_<stage>)")
-    g.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"],
-                   help="keystep's CPU backend for in-process and python stages")
+    g.add_argument("--backend", choices=["auto", "onnxruntime", "openvino"],
+                   help="keystep's CPU backend for in-process and python stages (default: $KEYSTEP_BACKEND or auto, "
+                   "the fastest for the serving CPU: OpenVINO bf16 where it has native bf16)")
     g.add_argument("--threads", type=int, help="intra-op threads per stage session")
     g.add_argument("--instances", type=int, default=1, help="orchestrator instances (Python stub processes)")
     g.add_argument("--stage-instances", type=int, default=1, help="instances of each stage model")
@@ -48,7 +51,7 @@ def options_from_args(args, serving: bool) -> RepositoryOptions:
     return RepositoryOptions(
         stage_backend=getattr(args, "stage_backend", "python"), stage_calls=args.stage_calls, name=args.name,
         instances=args.instances, stage_instances=args.stage_instances, max_batch=args.max_batch,
-        dynamic_batching=args.dynamic_batching, queue_delay_us=args.queue_delay_us, backend=args.backend,
+        dynamic_batching=args.dynamic_batching, queue_delay_us=args.queue_delay_us, backend=args.backend or default_backend_name(),
         threads=args.threads, ort_tensorrt=getattr(args, "ort_tensorrt", False), gpu=getattr(args, "gpu", not serving),
         plans=tuple(args.plans or ("default", "all")), site_dirs=tuple(getattr(args, "site_dirs", None) or ()),
         execution_env=getattr(args, "execution_env", None))

@@ -22,10 +22,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keystep.runtime.atomic import publish_directory
+from keystep.runtime.backends.auto import default_backend_name
 from keystep.runtime.bundle import Bundle, StageSpec
 from keystep.runtime.engine_plan import ENGINE_DIR, EngineIndex, EngineTargets, profiles_from_calls
 from keystep.runtime.errors import KeystepError
@@ -59,7 +60,9 @@ class RepositoryOptions:
     dynamic_batching: bool = True
     queue_delay_us: int = 10_000  # how long Triton may hold a request to merge it with the next ones
     stage_queue_delay_us: int = 500  # the same for a stage call (many per request)
-    backend: str = "onnxruntime"  # keystep's CPU backend for in-process and python-flavour stages
+    # keystep's CPU backend for in-process and python-flavour stages; "auto" resolves in the server's process, on
+    # the CPU it serves from
+    backend: str = field(default_factory=default_backend_name)
     threads: int | None = None
     ort_tensorrt: bool = False  # onnxruntime flavour: TensorRT execution accelerator (fp16)
     gpu: bool = True  # tensorrt/onnxruntime stage models on GPUs (KIND_GPU); python stages are always CPU
