@@ -113,3 +113,33 @@ def test_openvino_static_shapes_compile_per_shape(tiny_bundle):
             for name, value in want.items():
                 np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4)
     assert len(static.compiled_shapes) == 2 and dynamic.compiled_shapes == [None]
+
+
+def test_profile_reports_bf16_error_vs_fp32(tiny_bundle):
+    """`keystep profile` on OpenVINO bf16 reports each plan's final latents against fp32; the figure must be the one
+    an independent fp32 run (ONNX Runtime) gives for the same seed."""
+    pytest.importorskip("openvino", reason="openvino is part of the dev extra")
+    from keystep.runtime.backends.openvino import openvino_capabilities
+    from keystep.runtime.dit_sampler import DiTSampler
+    from keystep.runtime.sampler import SamplingOptions
+    from keystep.tools.cli.profile import format_table, profile_bundle
+
+    if "BF16" not in openvino_capabilities():
+        pytest.skip("OpenVINO has no bf16 on this CPU: nothing to measure")
+    bundle = Bundle.load(tiny_bundle)
+    options = SamplingOptions.from_bundle(bundle, num_steps=6)
+    bf16 = get_backend("openvino", precision="bf16")
+    d = profile_bundle(bundle, bf16, options, plans=["0,3"], warmup=0, repeats=1, peak_size=128)
+    error = d["precision_error"]
+    assert error["reference"].startswith("openvino f32") and set(error["plans"]) == {p["name"] for p in d["plans"]}
+    for name, spec in (("all", "all"), ("0,3", "0,3")):
+        run = options.with_plan(spec)
+        mine = DiTSampler(bundle, get_backend("openvino", precision="bf16")).sample([0], run, seed=0).latents
+        fp32 = DiTSampler(bundle, get_backend("onnxruntime")).sample([0], run, seed=0).latents
+        rel_l2 = np.linalg.norm(mine - fp32) / np.linalg.norm(fp32)
+        reported = next(v for k, v in error["plans"].items() if k.startswith(name))["rel_l2"]
+        assert 0 < rel_l2 < 0.2 and reported == pytest.approx(rel_l2, rel=0.05, abs=1e-4), (name, reported, rel_l2)
+    assert "bf16 error vs openvino f32" in format_table(d)
+    fp32_profile = profile_bundle(bundle, get_backend("onnxruntime"), options, plans=["0,3"], warmup=0, repeats=1,
+                                  peak_size=128)
+    assert fp32_profile["precision_error"] is None  # nothing to report at fp32

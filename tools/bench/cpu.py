@@ -195,7 +195,12 @@ def one_process(engine: str, args, out: Path) -> dict:
         command = [sys.executable, "-m", "keystep.tools.bench.cpu", "--one", engine, "--workload", args.workload,
                    "--work", str(args.work), "--steps", str(args.steps), "--repeats", str(args.repeats),
                    "--preset", args.preset, "--size", str(args.size), "--result", str(out)]
-    subprocess.run(command, check=True)
+    done = subprocess.run(command)
+    if done.returncode and engine in PEERS:  # the peer's own failure is a finding, not a reason to lose the table
+        return {"engine": engine, "backend": f"optimum-intel {engine.split('-')[1]}: FAILED (exit {done.returncode}, "
+                "its error is printed above)", "median": {}}
+    if done.returncode:
+        raise SystemExit(f"bench.cpu: the {engine} process failed (exit {done.returncode})")
     return json.loads(out.read_text())
 
 
@@ -205,7 +210,13 @@ def to_markdown(results: list[dict], command: str, what: str, repeats: int) -> s
     reference = next((r for r in results if r["engine"] == "ort-fp32"), None)
     flops = next(r["flops"] for r in results if "flops" in r)
     best = columns[-1]
-    lines = [f"`{command}` — {cpu_name()}, {os.cpu_count()} cores; {what}, batch 1; each engine in its own process, "
+    from keystep.runtime.backends.auto import NATIVE_BF16_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    native = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    bf16 = (f"native bf16: {', '.join(native)}" if native else "no native bf16") + ("" if "amx_tile" in flags
+                                                                                   else ", no AMX")
+    lines = [f"`{command}` — {cpu_name()} ({bf16}), {os.cpu_count()} cores; {what}, batch 1; each engine in its own process, "
              f"its rows interleaved, median of {repeats} (s/image; ratio to eager diffusers fp32)", "",
              "| engine | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for r in results:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keystep.runtime.backends.base import get_backend
+from keystep.runtime.backends.base import describe_backend
+from keystep.runtime.pipeline import make_backend
 from keystep.runtime.bundle import MANIFEST_NAME, Bundle
 from keystep.runtime.sampler import SamplingOptions
 
@@ -82,7 +83,8 @@ def run_demo(out_dir: str = "keystep-demo", steps: int = 50, samples: int = 200,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plans = {name: p for name, p in DEMO_PLANS.items() if shipped(p[0]) and shipped(p[0]).available}
-    backend = get_backend("onnxruntime")
+    backend = make_backend()  # the default: $KEYSTEP_BACKEND or auto (OpenVINO bf16 on CPUs with native bf16)
+    print(f"backend: {describe_backend(backend)}")
     samplers = {model: digits_sampler(bundle_for(model, out, steps), backend) for model, _ in plans.values()}
     metrics = DigitMetrics()
     labels = np.arange(samples) % 10
@@ -111,7 +113,7 @@ def run_demo(out_dir: str = "keystep-demo", steps: int = 50, samples: int = 200,
                      row_labels=[f"{d} ({DIGIT_WORDS[d]})" for d in range(10)])
         else:
             grid_png(images, labels, f"{name} ({model}, {spec})", path)
-    table = markdown_table(rows, samples, steps)
+    table = markdown_table(rows, samples, steps) + f"\n\nBackend: {describe_backend(backend)}."
     print("\n" + table)
     (out / "demo.md").write_text(table + "\n")
     (out / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
