@@ -79,7 +79,7 @@ class DiTBlock(nn.Module):
     dropped proj/fc2 columns would only have multiplied zeros.
 
     ``token_mode`` (DyDiT's spatial token router, when ``token_router`` is set): "gather" runs the MLP on the
-    selected tokens only (NonZero -> Gather -> MLP -> Gather back, zeros where a token skipped), "dense" runs it on every token and
+    selected tokens only (NonZero -> Gather -> MLP -> scatter into zeros), "dense" runs it on every token and
     multiplies by the 0/1 selection, "off" ignores the router (every token takes the MLP).
     """
 
@@ -139,12 +139,7 @@ class DiTBlock(nn.Module):
         index = torch.nonzero(select.reshape(-1)).reshape(-1)
         token_groups = None if group_mask is None else group_mask.index_select(0, torch.div(index, t, rounding_mode="floor"))
         out = self.mlp(h.reshape(n * t, d).index_select(0, index), token_groups)
-        # Back to every token by a gather, not a scatter into zeros: token p takes row inverse[p] of [0; out], where
-        # inverse counts the selected tokens up to p (0 for a token that skipped the MLP). OpenVINO's CPU plugin runs
-        # ScatterND with a slow f32 reference kernel (4-9 % of a bf16 width engine, measured); Gather is cheap.
-        chosen = select.reshape(-1).to(torch.int64)
-        inverse = torch.cumsum(chosen, 0) * chosen
-        scattered = torch.cat([out.new_zeros(1, d), out]).index_select(0, inverse)
+        scattered = torch.zeros(n * t, d, dtype=x.dtype).index_copy(0, index, out)
         return x + gate_mlp * scattered.reshape(n, t, d), index.shape[0] * torch.ones((), dtype=torch.int64)
 
 
