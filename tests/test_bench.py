@@ -29,3 +29,25 @@ def test_unified_bench_dit_smoke(capsys):
         assert f"| {row}" in out
     assert "| keystep baseline | onnxruntime |" in out and "| keystep baseline | openvino |" in out
     assert "Backend peaks" in out
+
+
+@pytest.mark.slow  # two DyDiT bundles, one process per engine: ~1.5 minutes
+def test_cpu_bench_smoke(tmp_path, capsys):
+    """bench.cpu end to end on the tiny DyDiT: each engine in its own process, the tables filled, bf16's error vs
+    ONNX Runtime fp32 reported."""
+    from keystep.tools.bench.cpu import main
+
+    engines = ["ort-fp32", "ov-f32"] + (["ov-bf16"] if _openvino_has_bf16() else [])
+    assert main(["--model", "random:dydit-tiny", "--steps", "4", "--repeats", "1", "--work", str(tmp_path),
+                 "--engines", *engines]) == 0
+    out = capsys.readouterr().out
+    row = "| openvino f32, static shapes |"
+    assert "| onnxruntime |" in out and row in out and "widths + `default`: speedup / bound" in out
+    bound_rows = [line for line in out.splitlines() if line.startswith(row) and "/" in line]
+    assert bound_rows and bound_rows[0].rstrip(" |").split("|")[-1].strip() != "—"  # its error vs ORT fp32
+
+
+def _openvino_has_bf16() -> bool:
+    from keystep.runtime.backends.openvino import openvino_capabilities
+
+    return "BF16" in (openvino_capabilities() or [])

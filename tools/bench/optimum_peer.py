@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--result", required=True)
     args = parser.parse_args(argv)
 
+    from importlib.metadata import version
+
     import numpy as np
-    import optimum.intel
     import torch
     from optimum.intel import OVStableDiffusionPipeline
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
              guidance_scale=args.guidance, latents=torch.from_numpy(z_T), output_type="latent")
         if i:
             times.append(time.perf_counter() - t0)
-    label = (f"optimum-intel {optimum.intel.__version__} OVStableDiffusionPipeline {args.precision} "
+    label = (f"optimum-intel {version('optimum-intel')} OVStableDiffusionPipeline {args.precision} "
              "(static shapes)")
     Path(args.result).write_text(json.dumps({
         "engine": f"optimum-{args.precision}", "backend": label,
