@@ -143,7 +143,7 @@ def test_profile_reports_bf16_error_vs_fp32(tiny_bundle):
         fp32 = DiTSampler(bundle, get_backend("onnxruntime")).sample([0], run, seed=0).latents
         rel_l2 = np.linalg.norm(mine - fp32) / np.linalg.norm(fp32)
         reported = next(v for k, v in error["plans"].items() if k.startswith(name))["rel_l2"]
-        assert 0 < rel_l2 < 0.2 and reported == pytest.approx(rel_l2, rel=0.05, abs=1e-4), (name, reported, rel_l2)
+        assert 0 < rel_l2 < 0.5 and reported == pytest.approx(rel_l2, rel=0.05, abs=1e-4), (name, reported, rel_l2)
     assert "bf16 error vs openvino f32" in format_table(d)
     fp32_profile = profile_bundle(bundle, get_backend("onnxruntime"), options, plans=["0,3"], warmup=0, repeats=1,
                                   peak_size=128)
