@@ -175,9 +175,10 @@ def build_unet_bundle(
         fields["cache"] = cache_manifest(branches)
     stages = unet_stages(loaded, control, branches)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = tokenizer_asset(loaded.tokenizer_dir, Path(scratch))
-        return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": tokenizer},
-                            precision=precisions)
+        assets = {"tokenizer": tokenizer_asset(loaded.tokenizer_dir, Path(scratch) / "1")}
+        if loaded.tokenizer_2_dir is not None:  # SDXL's second CLIP tokenizer (OpenCLIP bigG: pad token "!")
+            assets["tokenizer_2"] = tokenizer_asset(loaded.tokenizer_2_dir, Path(scratch) / "2")
+        return write_bundle(Path(out), stages, fields, progress=progress, assets=assets, precision=precisions)
 
 
 def is_unet_pipeline(model: str) -> bool:
