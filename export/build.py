@@ -149,8 +149,11 @@ def build_unet_bundle(
     guidance: float | None = None,
     cache: str | None = None,
     precision: str | None = None,
+    full: bool = True,
     progress=print,
 ) -> Path:
+    """``full=False`` leaves out the ``full`` graph (for large models it doubles the bundle's weights): the baseline
+    plan then runs encoder + decoder at every step; cache plans need it."""
     precisions = PrecisionPlan.parse(precision)
     from .unet_export import load_controlnet, load_sd_pipeline_dir, unet_model_config, unet_stages
 
@@ -159,6 +162,8 @@ def build_unet_bundle(
     guidance = guidance if guidance is not None else tuned.get("guidance", 7.5)
     loaded = load_sd_pipeline_dir(resolve_model_path(model))
     branches = parse_cache_variants(cache, "unet")
+    if branches and not full:
+        raise ModelLoadError("--cache needs the full stage (its full steps refresh the cache): drop --no-full")
     control = load_controlnet(controlnet) if controlnet else None
     key_steps = key_steps or tuned.get("key_steps", "default")
     parse_key_steps(key_steps, steps, "unet")
@@ -173,7 +178,7 @@ def build_unet_bundle(
     }
     if branches:
         fields["cache"] = cache_manifest(branches)
-    stages = unet_stages(loaded, control, branches)
+    stages = unet_stages(loaded, control, branches, full=full)
     with tempfile.TemporaryDirectory() as scratch:
         assets = {"tokenizer": tokenizer_asset(loaded.tokenizer_dir, Path(scratch) / "1")}
         if loaded.tokenizer_2_dir is not None:  # SDXL's second CLIP tokenizer (OpenCLIP bigG: pad token "!")
@@ -196,4 +201,6 @@ def build_bundle(model: str, out: str, controlnet: str | None = None, **options)
         return build_unet_bundle(model, out, controlnet=controlnet, **options)
     if controlnet:
         raise ModelLoadError("--controlnet applies to UNet (Stable Diffusion) models only")
+    if not options.pop("full", True):
+        raise ModelLoadError("--no-full applies to UNet (Stable Diffusion) models only")
     return build_dit_bundle(model, out, **options)

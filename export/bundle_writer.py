@@ -51,9 +51,9 @@ def export_stage(stage: StageDef, out_dir: Path) -> list[Path]:
         {axis: export_dim(d) for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in stage.inputs
     )
     params = list(inspect.signature(stage.module.forward).parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):  # forward(self, a, *rest): torch.export nests *rest
-        named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-        dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])
+    named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    if any(p.kind is p.VAR_POSITIONAL for p in params) and len(dynamic_shapes) > named:
+        dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])  # forward(self, a, *rest): nests *rest
     size = sum(p.numel() * p.element_size() for p in stage.module.parameters())
     external = size > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet_torch_onnx():

@@ -358,10 +358,11 @@ def conditioning_spec(name: str, unet) -> TensorSpec:
     return TensorSpec(name, "float32", ("batch", width))  # text_embeds: the pooled projection
 
 
-def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranch] = ()) -> list[StageDef]:
-    """StageDefs for text_encoder (if loaded), encoder, decoder, full, one shallow stage per DeepCache branch (whose
-    deep feature the full stage then returns), controlnet (if given) and vae_decoder (if loaded), each with batch /
-    height / width / text_len dynamic where they apply."""
+def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranch] = (), full: bool = True
+                ) -> list[StageDef]:
+    """StageDefs for text_encoder(s) (if loaded), encoder, decoder, full (unless ``full`` is False), one shallow stage
+    per DeepCache branch (whose deep feature the full stage then returns), controlnet (if given) and vae_decoder (if
+    loaded), each with batch / height / width / text_len dynamic where they apply."""
     unet = loaded.unet.eval()
     check_unet_config(dict(unet.config))
     cfg = unet.config
@@ -408,13 +409,14 @@ def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranc
         branch.check(unet)
         channels, level = deep_feature_shape(unet, branch)
         deep[branch.name] = TensorSpec(f"cache_{branch.name}", f32, ("batch", channels, *_level_dims(level)))
-    full = UNetCachingFullStage(unet, list(branches)) if branches else UNetFullStage(unet)
     stages += [
         stage("encoder", UNetEncoderStage(unet), [sample, timestep, ehs, *conditioning], [*skips, mid]),
         stage("decoder", UNetDecoderStage(unet, len(skips)), [*skips, mid, timestep, ehs, *conditioning],
               [noise_pred]),
-        stage("full", full, [sample, timestep, ehs, *conditioning], [noise_pred, *deep.values()]),
     ]
+    if full:
+        module = UNetCachingFullStage(unet, list(branches)) if branches else UNetFullStage(unet)
+        stages.append(stage("full", module, [sample, timestep, ehs, *conditioning], [noise_pred, *deep.values()]))
     stages += [
         stage(f"cached.{b.name}", UNetShallowStage(unet, b), [sample, timestep, ehs, deep[b.name], *conditioning],
               [noise_pred])

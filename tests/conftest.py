@@ -154,3 +154,32 @@ def sd_bundle_dir(sd_dir, controlnet_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "sd"
     return build_unet_bundle(str(sd_dir), str(out), controlnet=str(controlnet_dir), steps=10, cache="deep:0,1,3,4",
                              progress=lambda m: None)
+
+
+# --- SDXL: a scaled-down StableDiffusionXLPipeline directory and a bundle of it ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    from sd_reference import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(sdxl_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl") / "pipeline"
+    sdxl_pipe.save_pretrained(path)  # tokenizer.json only (transformers >= 5): the build converts both tokenizers
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_bundle_dir(sdxl_dir, tmp_path_factory):
+    """Both text encoders, encoder, decoder and the VAE; no full graph (--no-full: the baseline runs encoder +
+    decoder every step), which keeps the default suite's export time down. The slow tests build the rest."""
+    from keystep.export.build import build_unet_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "sdxl"
+    return build_unet_bundle(str(sdxl_dir), str(out), steps=10, full=False, progress=lambda m: None)

@@ -50,11 +50,12 @@ def tiny_tokenizer_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-# SDXL base scaled down: 3 levels (DownBlock2D, then two CrossAttn levels), 2 layers per down block (3 up),
-# transformer depth growing per level (SDXL: 1/2/10 -> 1/1/2), linear projections, heads per level, text_time
-# added embedding (pooled projection 32 + 6 time ids x 8), two text encoders of different widths (24 + 40 = 64).
+# SDXL base scaled down: 3 levels (DownBlock2D, then two CrossAttn levels), 1 layer per down block (2 up: the up
+# path is deeper, as SDXL's 2/3), transformer depth growing per level (SDXL: 1/2/10 -> 1/1/2), linear projections,
+# heads per level, text_time added embedding (pooled projection 32 + 6 time ids x 8), two text encoders of
+# different widths (24 + 40 = 64).
 TINY_SDXL_UNET = dict(
-    block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=(1, 1, 2),
+    block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(1, 1, 2),
     attention_head_dim=(2, 4, 4), use_linear_projection=True, cross_attention_dim=64, sample_size=16,
     norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

@@ -107,7 +107,7 @@ def cmd_build(args) -> int:
     environment = _trt_environment(args) if args.backend == "tensorrt" else None
     options = {} if args.guidance is None else {"guidance": args.guidance}
     width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip,
-             "cache": args.cache}
+             "cache": args.cache, "full": False if args.no_full else None}
     options.update({k: v for k, v in width.items() if v is not None})
     out = build_bundle(
         args.model,
@@ -139,6 +139,7 @@ def cmd_generate(args) -> int:
         except (OSError, ValueError) as exc:
             raise SamplingError(f"cannot read --init-noise {args.init_noise}: {exc}") from None
     if bundle.family == "unet":
+        from keystep.runtime.sdxl import SizeConditioning
         from keystep.runtime.unet_sampler import UNetSampler, load_control_image
 
         sampler = UNetSampler(bundle, backend_from_args(args))
@@ -149,9 +150,15 @@ def cmd_generate(args) -> int:
         if args.control_image:
             h, w = sampler.output_size(args.height, args.width)
             control = load_control_image(args.control_image, h, w)
+        sizes = {"original_size": args.original_size, "crops_coords_top_left": args.crops_coords_top_left,
+                 "target_size": args.target_size}
+        given = {k: v for k, v in sizes.items() if v is not None}
+        prompt_2 = args.prompt_2[0] if args.prompt_2 and len(args.prompt_2) == 1 else args.prompt_2
         result = sampler.sample(prompts, options, negative_prompt=args.negative_prompt, height=args.height,
                                 width=args.width, init_noise=init, seed=args.seed, control_image=control,
-                                control_scale=args.control_scale)
+                                control_scale=args.control_scale, prompt_2=prompt_2,
+                                negative_prompt_2=args.negative_prompt_2,
+                                size_conditioning=SizeConditioning.of(**given) if given else None)
     else:
         if args.prompt:
             raise SamplingError("this is a class-conditional bundle: use --class, not --prompt")
@@ -313,6 +320,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", help="a diffusers ControlNetModel directory (UNet models)")
     p.add_argument("--cache", help="feature-caching stages to build: deep:ID[,ID...] (UNet, DeepCache branch ids "
                    "as in the deepcache package) or blocks:FIRST-LAST[,...] (DiT, block ranges skipped at cached steps)")
+    p.add_argument("--no-full", action="store_true",
+                   help="UNet: leave out the full graph (it repeats the encoder's and decoder's weights); the baseline "
+                   "plan then runs encoder + decoder at every step; cache plans need it")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
     p.add_argument("--precision", help="stage graph precision: fp32 (default), fp16 or bf16 (every stage but the VAE; "
                    "norms, softmax and sin/cos stay fp32) or per stage, e.g. encoder=fp16,decoder=bf16")
@@ -341,6 +351,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--control-image", help="ControlNet conditioning image (e.g. a canny edge map)")
     p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    sdxl = p.add_argument_group("SDXL (StableDiffusionXLPipeline's arguments of the same names)")
+    sdxl.add_argument("--prompt-2", nargs="+", help="prompt(s) for the second text encoder (default: --prompt)")
+    sdxl.add_argument("--negative-prompt-2", help="negative prompt for the second text encoder")
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
+                      help="size conditioning: the original image size (default: the output size)")
+    sdxl.add_argument("--crops-coords-top-left", type=int, nargs=2, metavar=("Y", "X"),
+                      help="size conditioning: the crop's top-left corner (default 0 0)")
+    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"),
+                      help="size conditioning: the target size (default: the output size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-noise", help="z_T as a .npy of shape (images, C, H, W)")
     p.add_argument("--save-latents", help="write the final latents (float32 .npy)")

@@ -35,7 +35,7 @@ from keystep.runtime.sampler import SamplingError, SamplingOptions
 from ..bench.common import cpu_name
 
 # the order stages appear in tables and plots (only those that ran are shown)
-STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")
+STAGE_ORDER = ("text_encoder", "text_encoder_2", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")
 PLAN_STAGES = ("encoder", "decoder", "full", "cached")  # the ones inside run_plan's call list
 SPATIAL_STAGES = ("encoder", "decoder", "full", "cached", "controlnet", "vae_decoder")  # FLOPs scale with the image area
 
@@ -44,7 +44,7 @@ def stage_kind(name: str) -> str:
     """A width engine ("decoder.w2") counts as its stage ("decoder")."""
     return name.split(".", 1)[0]
 STAGE_COLOURS = {
-    "text_encoder": "#8c564b", "encoder": "#1f77b4", "controlnet": "#9467bd", "decoder": "#ff7f0e",
+    "text_encoder": "#8c564b", "text_encoder_2": "#bcbd22", "encoder": "#1f77b4", "controlnet": "#9467bd", "decoder": "#ff7f0e",
     "full": "#2ca02c", "cached": "#17becf", "vae_decoder": "#e377c2", "host": "#7f7f7f",
 }
 DEFAULT_PROMPT = "a photo"
@@ -267,7 +267,7 @@ def profile_bundle(
         return flops * (flops_scale if stage_kind(stage) in SPATIAL_STAGES else 1.0)
 
     # load every session before timing (the runtime loads lazily, inside the first call)
-    needed = {"text_encoder"} if bundle.family == "unet" else set()
+    needed = {s for s in ("text_encoder", "text_encoder_2") if s in bundle.stages} if bundle.family == "unet" else set()
     for entry in entries:
         needed |= {c.runner for c in sampler.prepare(entry.options, images).calls}
     if settings.get("control"):  # the baseline runs encoder + decoder every step; the full graph is never used
