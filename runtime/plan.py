@@ -36,7 +36,7 @@ def unet_default_key_steps(num_steps: int) -> list[int]:
     return [i for i in (0, 1, 2, 3, 5, 10, 15, 25, 35) if i < num_steps]
 
 
-DEFAULT_KEY_STEPS = {"dit": dit_default_key_steps, "unet": unet_default_key_steps}
+DEFAULT_KEY_STEPS = {"dit": dit_default_key_steps, "unet": unet_default_key_steps, "if": unet_default_key_steps}
 
 
 @dataclass(frozen=True)

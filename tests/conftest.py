@@ -183,3 +183,36 @@ def sdxl_bundle_dir(sdxl_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "sdxl"
     return build_unet_bundle(str(sdxl_dir), str(out), steps=10, full=False, progress=lambda m: None)
+
+
+# --- DeepFloyd-IF: scaled-down IFPipeline + IFSuperResolutionPipeline directories and a cascade bundle -----------
+
+
+@pytest.fixture(scope="session")
+def if_pipes():
+    from if_reference import tiny_if_pipelines
+
+    return tiny_if_pipelines()
+
+
+@pytest.fixture(scope="session")
+def if_dirs(if_pipes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("if")
+    for i, pipe in enumerate(if_pipes, start=1):
+        pipe.save_pretrained(root / f"stage_{i}")
+    return root / "stage_1", root / "stage_2"
+
+
+@pytest.fixture(scope="session")
+def if_bundle_dir(if_dirs, tmp_path_factory):
+    """The cascade (T5 + stage I + stage II), each diffusion stage without its full graph (--no-full keeps the
+    default suite's exports down; the slow tests build one with it). Every graph is written with external data
+    (the threshold patched to 0), the path the real 4.7B-parameter T5 takes."""
+    from unittest import mock
+
+    from keystep.export.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "if"
+    with mock.patch("keystep.export.bundle_writer.EXTERNAL_DATA_BYTES", 0):
+        return build_bundle(str(if_dirs[0]), str(out), super_resolution=[str(if_dirs[1])], steps=10, full=False,
+                            progress=lambda m: None)

@@ -113,6 +113,7 @@ def cmd_build(args) -> int:
         args.model,
         args.out,
         controlnet=args.controlnet,
+        super_resolution=args.super_resolution or (),
         split=args.split,
         scheduler=args.scheduler,
         scheduler_config=args.scheduler_config,
@@ -314,10 +315,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=int, help="encoder = blocks[:K] (default round(depth*18/28))")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler class stored in the bundle")
     p.add_argument("--scheduler-config", help="a diffusers scheduler_config.json (class and fields honoured)")
-    p.add_argument("--steps", type=int, default=50, help="default number of steps")
+    p.add_argument("--steps", type=int, help="default number of steps (50; IF: stage I 100, stage II 50)")
     p.add_argument("--key-steps", help="default key-step plan (default: 'default', or a shipped model's tuned plan)")
     p.add_argument("--guidance", type=float, help="default guidance scale (DiT 4.0, UNet 7.5)")
     p.add_argument("--controlnet", help="a diffusers ControlNetModel directory (UNet models)")
+    p.add_argument("--super-resolution", action="append", metavar="DIR",
+                   help="DeepFloyd-IF: an IFSuperResolutionPipeline directory, the cascade's next stage (repeatable, "
+                   "in order); MODEL is the IFPipeline (stage I) directory")
     p.add_argument("--cache", help="feature-caching stages to build: deep:ID[,ID...] (UNet, DeepCache branch ids "
                    "as in the deepcache package) or blocks:FIRST-LAST[,...] (DiT, block ranges skipped at cached steps)")
     p.add_argument("--no-full", action="store_true",
