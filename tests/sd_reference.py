@@ -115,18 +115,30 @@ def tiny_controlnet(unet):
 # --- FasterDiffusion for UNets, written from the paper's definition with diffusers' own blocks ----------------------
 
 
-def time_embedding(unet, t, added=None):
-    """emb = time MLP(sinusoid(t)) [+ SDXL's added embedding of (pooled text, sinusoid(time ids))]."""
+def time_embedding(unet, t, added=None, class_labels=None, text=None):
+    """emb as UNet2DConditionModel.forward defines it: time MLP(sinusoid(t)) [+ class MLP(sinusoid(class_labels)),
+    class_embed_type "timestep"] [+ attention-pooled raw text, addition_embed_type "text"] [+ SDXL's added
+    embedding of (pooled text, sinusoid(time ids))], then time_embed_act."""
     emb = unet.time_embedding(unet.time_proj(t).to(torch.float32))
+    if class_labels is not None:
+        emb = emb + unet.class_embedding(unet.time_proj(class_labels).to(torch.float32))
+    if unet.config.addition_embed_type == "text":
+        emb = emb + unet.add_embedding(text)
     if added is not None:
         time_embeds = unet.add_time_proj(added["time_ids"].flatten()).reshape(len(t), -1)
         emb = emb + unet.add_embedding(torch.cat([added["text_embeds"], time_embeds], dim=-1))
-    return emb
+    return emb if unet.time_embed_act is None else unet.time_embed_act(emb)
 
 
-def fd_encode(unet, sample, t, text, down_res=None, mid_res=None, added=None):
+def cross_attention_states(unet, text):
+    """encoder_hid_proj (IF: T5 width -> cross-attention width) when the UNet has one."""
+    return text if unet.encoder_hid_proj is None else unet.encoder_hid_proj(text)
+
+
+def fd_encode(unet, sample, t, text, down_res=None, mid_res=None, added=None, class_labels=None):
     """conv_in + down blocks + mid block at the key step -> (skip features incl. conv_in output, mid feature)."""
-    emb = time_embedding(unet, t, added)
+    emb = time_embedding(unet, t, added, class_labels, text)
+    text = cross_attention_states(unet, text)
     h = unet.conv_in(sample)
     skips = (h,)
     for block in unet.down_blocks:
@@ -141,9 +153,10 @@ def fd_encode(unet, sample, t, text, down_res=None, mid_res=None, added=None):
     return skips, (h if mid_res is None else h + mid_res)
 
 
-def fd_decode(unet, skips, mid, t, text, added=None):
+def fd_decode(unet, skips, mid, t, text, added=None, class_labels=None):
     """Up blocks + output head with the current step's own timestep (and the rows' added conditioning)."""
-    emb = time_embedding(unet, t, added)
+    emb = time_embedding(unet, t, added, class_labels, text)
+    text = cross_attention_states(unet, text)
     h = mid
     for block in unet.up_blocks:
         res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
@@ -155,20 +168,25 @@ def fd_decode(unet, skips, mid, t, text, added=None):
 
 
 def encoder_propagation_loop(unet, scheduler, text, latents, steps, guidance, key_steps, injection=(0.003, 0.5),
-                             added=None, controlnet=None, control_image=None, control_scale=1.0):
+                             added=None, controlnet=None, control_image=None, control_scale=1.0, image=None,
+                             class_labels=None, generator=None):
     """A plain sequential loop: encoder (and ControlNet) at key steps, decoder every step, CFG rows [uncond, cond]
-    (``text`` and ``added`` already in that layout), z <- z + alpha*z_T before each scheduler step with
-    t < tau*T. ``latents`` as the diffusers pipelines take them."""
+    (``text``, ``added``, ``class_labels`` already in that layout), z <- z + alpha*z_T before each scheduler step
+    with t < tau*T. ``latents`` as the diffusers pipelines take them. IF: ``image`` (the upscaled image, one row per
+    sample) is concatenated to the sample's channels, a UNet with twice the sample's output channels has learned
+    variance (guidance on epsilon, the conditional half's variance kept), ``generator`` feeds DDPM's noise."""
     import copy
 
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(steps)
+    channels = latents.shape[1]
     with torch.no_grad():
         z_T = latents * scheduler.init_noise_sigma
         z = z_T
         control = None if control_image is None else torch.cat([control_image, control_image])
         for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.scale_model_input(torch.cat([z, z]), t)
+            x = z if image is None else torch.cat([z, image], dim=1)
+            x = scheduler.scale_model_input(torch.cat([x, x]), t)
             rows_t = t.expand(len(x)).float()
             if i in key_steps:
                 down = mid = None
@@ -176,13 +194,16 @@ def encoder_propagation_loop(unet, scheduler, text, latents, steps, guidance, ke
                     down, mid = controlnet(x, rows_t, encoder_hidden_states=text, controlnet_cond=control,
                                            conditioning_scale=control_scale, added_cond_kwargs=added,
                                            return_dict=False)
-                cache = fd_encode(unet, x, rows_t, text, down, mid, added)
-            noise = fd_decode(unet, *cache, rows_t, text, added)
+                cache = fd_encode(unet, x, rows_t, text, down, mid, added, class_labels)
+            noise = fd_decode(unet, *cache, rows_t, text, added, class_labels)
             u, c = noise.chunk(2)
-            eps = u + guidance * (c - u)
+            eps = u[:, :channels] + guidance * (c[:, :channels] - u[:, :channels])
+            if noise.shape[1] > channels:
+                eps = torch.cat([eps, c[:, channels:]], dim=1)
             if injection is not None and t < injection[1] * scheduler.config.num_train_timesteps:
                 z = z + injection[0] * z_T
-            z = scheduler.step(eps, t, z).prev_sample
+            z = scheduler.step(eps, t, z, generator=generator).prev_sample if generator is not None else \
+                scheduler.step(eps, t, z).prev_sample
     return z
 
 

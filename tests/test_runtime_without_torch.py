@@ -1,11 +1,24 @@
-"""The runtime must import and run a bundle with torch/diffusers/transformers/onnx unimportable."""
+"""The runtime must import and run a bundle with torch/diffusers/transformers/onnx unimportable: a DiT, an SDXL
+bundle (both CLIP tokenizers in pure Python) and a DeepFloyd-IF cascade (T5 through the tokenizers library)."""
 
 import subprocess
 import sys
 import textwrap
 
+import pytest
 
-def test_runtime_runs_a_bundle_without_torch(tiny_bundle, tmp_path):
+CASES = {
+    "dit": ("tiny_bundle", ["--class", "1", "--steps", "4"]),
+    "sdxl": ("sdxl_bundle_dir", ["--prompt", "a cat", "--prompt-2", "a dog", "--steps", "2", "--height", "64",
+                                 "--width", "64"]),
+    "if-cascade": ("if_bundle_dir", ["--prompt", "a cat", "--steps", "2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_runtime_runs_a_bundle_without_torch(case, request, tmp_path):
+    fixture, args = CASES[case]
+    bundle = request.getfixturevalue(fixture)
     script = textwrap.dedent(
         f"""
         import sys
@@ -19,8 +32,7 @@ def test_runtime_runs_a_bundle_without_torch(tiny_bundle, tmp_path):
         import keystep.runtime.engine_plan, keystep.runtime.backends.tensorrt, keystep.runtime.backends.cuda
         import keystep.runtime.backends.onnxruntime_gpu
         from keystep.tools.cli import main
-        rc = main(["generate", {str(tiny_bundle)!r}, "--class", "1", "--steps", "4",
-                   "--save-latents", {str(tmp_path / "z.npy")!r}])
+        rc = main(["generate", {str(bundle)!r}, *{args!r}, "--save-latents", {str(tmp_path / "z.npy")!r}])
         assert rc == 0, rc
         assert not any(m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx") for m in sys.modules)
         print("OK")

@@ -132,6 +132,13 @@ def cmd_build(args) -> int:
 
 def cmd_generate(args) -> int:
     bundle = Bundle.load(args.bundle)
+    if bundle.family == "cascade":
+        from .cascade import generate_cascade
+
+        results, sampler = generate_cascade(bundle, args, backend_from_args(args), options_from_args)
+        return write_outputs(args, sampler, results[-1])
+    if args.stages:
+        raise SamplingError("--stage applies to cascade bundles (DeepFloyd-IF)")
     options = options_from_args(bundle, args)
     init = None
     if args.init_noise:
@@ -139,7 +146,13 @@ def cmd_generate(args) -> int:
             init = np.load(args.init_noise)
         except (OSError, ValueError) as exc:
             raise SamplingError(f"cannot read --init-noise {args.init_noise}: {exc}") from None
-    if bundle.family == "unet":
+    if args.noise_level is not None and bundle.family != "if":
+        raise SamplingError("--noise-level applies to DeepFloyd-IF super-resolution stages")
+    if bundle.family == "if":
+        from .cascade import generate_stage
+
+        result, sampler = generate_stage(bundle, args, backend_from_args(args), options, init)
+    elif bundle.family == "unet":
         from keystep.runtime.sdxl import SizeConditioning
         from keystep.runtime.unet_sampler import UNetSampler, load_control_image
 
@@ -165,6 +178,15 @@ def cmd_generate(args) -> int:
             raise SamplingError("this is a class-conditional bundle: use --class, not --prompt")
         sampler = DiTSampler(bundle, backend_from_args(args))
         result = sampler.sample(args.class_labels, options, init_noise=init, seed=args.seed)
+    write_outputs(args, sampler, result)
+    plan = result.prepared.plan
+    kind = "baseline" if plan.baseline else f"{len(plan.key_steps)} key steps of {plan.num_steps}"
+    print(f"{kind}: {len(result.prepared.calls)} stage calls, {result.total_seconds:.2f} s sampling")
+    return 0
+
+
+def write_outputs(args, sampler, result) -> int:
+    """--save-latents and --out (images through the bundle's VAE or, in pixel space, directly)."""
     if args.save_latents:
         np.save(args.save_latents, result.latents.astype(np.float32))
         print(f"wrote latents {args.save_latents}")
@@ -174,9 +196,6 @@ def cmd_generate(args) -> int:
             raise SamplingError("this bundle has no vae_decoder stage to make images; use --save-latents")
         for path in write_images(images, Path(args.out)):
             print(f"wrote {path}")
-    plan = result.prepared.plan
-    kind = "baseline" if plan.baseline else f"{len(plan.key_steps)} key steps of {plan.num_steps}"
-    print(f"{kind}: {len(result.prepared.calls)} stage calls, {result.total_seconds:.2f} s sampling")
     return 0
 
 
@@ -192,6 +211,12 @@ def write_images(images: np.ndarray, out: Path) -> list[Path]:
 
 def cmd_inspect(args) -> int:
     bundle = Bundle.load(args.bundle, verify=not args.no_verify)
+    if bundle.family == "cascade":
+        from .cascade import describe_cascade, format_cascade
+
+        description = describe_cascade(bundle, args, options_from_args, describe_bundle)
+        print(json.dumps(description, indent=2) if args.json else format_cascade(description, format_description))
+        return 0
     options = options_from_args(bundle, args)
     description = describe_bundle(bundle, options, images=args.images)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
@@ -274,12 +299,15 @@ def cmd_tune(args) -> int:
     from .tune import format_record, tune, write_tuned_plan
 
     bundle = Bundle.load(args.bundle)
+    if bundle.family == "cascade":
+        raise SamplingError(f"tune one diffusion stage of the cascade: keystep tune {bundle.root}/<stage> (stages: "
+                            f"{', '.join(p['name'] for p in bundle.manifest['cascade'])})")
     options = options_from_args(bundle, args)
     sampler = sampler_for(bundle, backend_from_args(args))
     classes = args.class_labels or list(range(min(4, bundle.model_config.get("num_classes", 0))))
     record = tune(bundle, sampler, options, args.target_speedup, args.budget_flops, args.by, args.method, args.seeds,
                   classes=classes if bundle.family == "dit" else None,
-                  prompts=(args.prompt or ["a photo", "a drawing"]) if bundle.family == "unet" else None,
+                  prompts=(args.prompt or ["a photo", "a drawing"]) if bundle.family != "dit" else None,
                   progress=lambda t: print(f"  tried {t.plan}: PSNR {t.psnr:.2f} dB", file=sys.stderr))
     if not args.dry_run:
         write_tuned_plan(bundle, record)
@@ -355,6 +383,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--control-image", help="ControlNet conditioning image (e.g. a canny edge map)")
     p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    cascade = p.add_argument_group("DeepFloyd-IF")
+    cascade.add_argument("--stage", dest="stages", action="append", metavar="NAME",
+                         help="cascades: apply the plan flags to this diffusion stage only (repeatable; default all)")
+    cascade.add_argument("--noise-level", type=int, help="super-resolution stages: the upscaled image's noise "
+                         "level (default: the stage's, 250)")
     sdxl = p.add_argument_group("SDXL (StableDiffusionXLPipeline's arguments of the same names)")
     sdxl.add_argument("--prompt-2", nargs="+", help="prompt(s) for the second text encoder (default: --prompt)")
     sdxl.add_argument("--negative-prompt-2", help="negative prompt for the second text encoder")
@@ -376,6 +409,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--images", type=int, default=1, help="images per batch for the plan shown")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    p.add_argument("--stage", dest="stages", action="append", metavar="NAME",
+                   help="cascades: apply the plan flags to this diffusion stage only (repeatable)")
     add_plan_arguments(p)
     p.set_defaults(func=cmd_inspect)
 

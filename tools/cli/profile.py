@@ -327,6 +327,23 @@ def _workload(sampler, bundle, class_labels, prompts, negative_prompt, height, w
               seed):
     """``run(options) -> (SampleResult, decode-or-None)`` for the bundle's family, the settings to report, and the
     factor the manifest's FLOPs (counted at the model's default size) are scaled by."""
+    if bundle.family == "cascade":
+        raise ProfileError(f"profile one diffusion stage of the cascade: keystep profile {bundle.root}/<stage> "
+                           f"(stages: {', '.join(p['name'] for p in bundle.manifest['cascade'])})")
+    if bundle.family == "if":  # one IF diffusion stage: its inputs (T5, earlier stages) are computed once, cached
+        if class_labels or control_image is not None:
+            raise SamplingError("an IF stage takes --prompt (no --class, no --control-image)")
+        prompts = list(prompts or [DEFAULT_PROMPT])
+        h, w = sampler.output_size(height, width)
+
+        def run(options):
+            result = sampler.sample(prompts, options, negative_prompt=negative_prompt, height=h, width=w, seed=seed)
+            return result, sampler.decode(result.latents)
+
+        dh, dw = sampler.default_size
+        settings = {"images": len(prompts), "prompts": prompts, "negative_prompt": negative_prompt, "height": h,
+                    "width": w, "control": False, "control_scale": None}
+        return run, settings, (h * w) / (dh * dw)
     if bundle.family == "unet":
         from keystep.runtime.unet_sampler import load_control_image
 
