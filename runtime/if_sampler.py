@@ -29,10 +29,10 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle, BundleError
-from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, check_noise, row_values, tile_per_half
-from .sampler import to_uint8
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, check_noise, to_uint8
 from .schedulers import make_scheduler
 from .t5_tokenizer import T5Tokenizer
+from .unet_sampler import SplitUNetFeeds
 
 LEARNED_VARIANCE = ("learned", "learned_range")
 
@@ -65,7 +65,7 @@ class IFContext:
     scheduler: object = None  # the run's scheduler (scale_model_input also applies to the upscaled channels)
 
 
-class IFStageSampler(PlanSampler):
+class IFStageSampler(SplitUNetFeeds, PlanSampler):
     family = "if"
     cond_first = False  # IFPipeline: [negative, prompt]
 
@@ -77,8 +77,6 @@ class IFStageSampler(PlanSampler):
         self.default_size = tuple(cfg["sample_size"])  # pixels
         self.size_multiple = cfg.get("size_multiple", 1)
         self._cascade = cascade
-        outputs = [o.name for o in bundle.stage("encoder").outputs]
-        self.skip_names = [n for n in outputs if n.startswith("skip_")]
 
     @property
     def super_resolution(self) -> bool:
@@ -166,17 +164,6 @@ class IFStageSampler(PlanSampler):
             x = np.concatenate([x, ctx.scheduler.scale_model_input(ctx.upscaled, t).astype(np.float32)], axis=1)
         return {"sample": x, "timestep": np.full(len(x), t, np.float32), "encoder_hidden_states": ctx.text,
                 **ctx.conditioning}
-
-    def decoder_feeds(self, cache, step_t, images, cfg, ctx: IFContext):
-        steps = len(step_t)
-        feeds = {name: tile_per_half(cache[name], steps, cfg) for name in (*self.skip_names, "mid")}
-        feeds["timestep"] = row_values(step_t, images, cfg)
-        feeds["encoder_hidden_states"] = tile_per_half(ctx.text, steps, cfg)
-        feeds.update({name: tile_per_half(rows, steps, cfg) for name, rows in ctx.conditioning.items()})
-        return feeds
-
-    def prediction(self, outputs):
-        return outputs["noise_pred"]
 
     def guide(self, cond, uncond, guidance):
         """Guidance on the epsilon channels; learned variance channels come from the conditional half (IFPipeline)."""

@@ -42,7 +42,25 @@ class TextToImageContext:
     conditioning: dict[str, np.ndarray] = field(default_factory=dict)  # per-row extra inputs (SDXL), same rows
 
 
-class UNetSampler(PlanSampler):
+class SplitUNetFeeds:
+    """Decoder feeds of a split UNet (SD, SDXL, IF): the key step's skip/mid features, the text and the per-row
+    conditioning tiled per CFG half over the call's steps, each row with its own timestep. Contexts have ``text``
+    and ``conditioning``."""
+
+    def decoder_feeds(self, cache, step_t, images, cfg, ctx):
+        steps = len(step_t)
+        skips = [o.name for o in self.bundle.stage("encoder").outputs]  # skip_0..skip_{n-1}, mid
+        feeds = {name: tile_per_half(cache[name], steps, cfg) for name in skips}
+        feeds["timestep"] = row_values(step_t, images, cfg)
+        feeds["encoder_hidden_states"] = tile_per_half(ctx.text, steps, cfg)
+        feeds.update({name: tile_per_half(rows, steps, cfg) for name, rows in ctx.conditioning.items()})
+        return feeds
+
+    def prediction(self, outputs):
+        return outputs["noise_pred"]
+
+
+class UNetSampler(SplitUNetFeeds, PlanSampler):
     family = "unet"
     cond_first = False  # StableDiffusionPipeline: [negative, prompt]
 
@@ -168,17 +186,6 @@ class UNetSampler(PlanSampler):
         cache = {name: outputs[name] + residuals[f"down_res_{i}"] for i, name in enumerate(self.skip_names)}
         cache["mid"] = outputs["mid"] + residuals["mid_res"]
         return cache
-
-    def decoder_feeds(self, cache, step_t, images, cfg, ctx: TextToImageContext):
-        steps = len(step_t)
-        feeds = {name: tile_per_half(cache[name], steps, cfg) for name in (*self.skip_names, "mid")}
-        feeds["timestep"] = row_values(step_t, images, cfg)
-        feeds["encoder_hidden_states"] = tile_per_half(ctx.text, steps, cfg)
-        feeds.update({name: tile_per_half(rows, steps, cfg) for name, rows in ctx.conditioning.items()})
-        return feeds
-
-    def prediction(self, outputs):
-        return outputs["noise_pred"]
 
     def decode(self, latents: np.ndarray) -> np.ndarray | None:
         """Pixel-space models (no VAE; ``pixel_space`` in the model config) sample images in [-1, 1] themselves."""

@@ -9,6 +9,15 @@ from dit_reference import make_diffusers_dit, random_original_dit
 from sd_reference import tiny_clip, tiny_controlnet, tiny_tokenizer_vocab, tiny_unet, tiny_vae
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine 2 OpenMP threads make torch ~7x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def original_dit():
     """An original-format DiT (TINY_CFG: 8x8x4 latent, hidden 64, depth 4, 4 heads, 10 classes, learned sigma)."""

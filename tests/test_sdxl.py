@@ -21,12 +21,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 PROMPTS = ["a photo of an astronaut riding a horse", "Ünïcode & punctuation!!"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ from sd_reference import tiny_clip, tiny_controlnet, tiny_tokenizer_vocab, tiny_
 SIZES = [(1, 16, 16, 77), (3, 24, 40, 5), (2, 13, 11, 9), (4, 6, 10, 1), (66, 4, 6, 3)]
 TOL = dict(rtol=1e-4, atol=1e-4)
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny sd_models gain nothing from threads, and on a busy machine 2 OpenMP threads make torch ~7x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def session(path):
