@@ -219,7 +219,8 @@ def build_if_bundle(
         name = f"stage_{i}"
         defaults = IF_DEFAULTS[stage.role]
         num_steps = steps or defaults["num_steps"]
-        plan_keys = key_steps or "default"
+        # FasterDiffusion's IF release propagates the encoder in stage I only (runtime.plan.if_default_key_steps)
+        plan_keys = key_steps or ("default" if stage.role == "base" else "all")
         parse_key_steps(plan_keys, num_steps, "if")
         plan = {"num_steps": num_steps, "key_steps": plan_keys,
                 "guidance": guidance if guidance is not None else defaults["guidance"], **UNET_NOISE_INJECTION}

@@ -171,3 +171,16 @@ def test_cli_generates_with_sdxl_options(sdxl_bundle_dir, tmp_path, capsys):
 def test_sd_bundles_refuse_sdxl_options(sd_bundle_dir, capsys):
     assert main(["generate", str(sd_bundle_dir), "--prompt", "a", "--target-size", "64", "64", "--steps", "1"]) == 2
     assert "SDXL bundles only" in capsys.readouterr().err
+
+
+def test_key_step_measurement_tool(sdxl_bundle_dir, capsys):
+    """tools/bench/key_steps (how the SDXL default key steps were measured) runs on an SDXL bundle: every candidate
+    costs fewer FLOPs than the baseline and the feature-change ranking names real steps."""
+    from keystep.tools.bench.key_steps import main as key_steps_main
+
+    assert key_steps_main([str(sdxl_bundle_dir), "--steps", "8", "--seeds", "1", "--height", "64", "--width",
+                           "64"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "dB |" in line]
+    assert len(rows) == 7 and all(0 < float(r.split("|")[3]) < 1 for r in rows)
+    assert "largest feature change" in out and "step 1:" in out

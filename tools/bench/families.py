@@ -9,7 +9,7 @@ noise, then starts one process for the eager rows and one for keystep's; each ru
 round first, and returns times and final latents. SDXL: a StableDiffusionXLPipeline with a reduced UNet (block
 channels 160/320/640, SDXL's 2 layers per block, transformer depth 1/2/4 — SDXL's 1/2/10 —, cross-attention 2048 from
 768 + 1280-wide 2-layer CLIP encoders, the real 2816-wide text_time embedding) and a small VAE; Euler, as the SDXL
-release. IF: stage I (IF-I's block layout at 1/4 of the channels, 32 px) + stage II (IF-II's layout reduced,
+release. IF: stage I (IF-I-XL's block layout at 1/4 of its channels, 32 px) + stage II (IF-II's layout reduced,
 128 px) with a 2-layer T5 of width 1024; the pipelines' own defaults (100 + 50 DDPM steps, guidance 7 / 4,
 noise level 250). FLOP bounds are the plans' graph-counted FLOPs vs the baseline's; PSNR is of the final samples
 vs keystep's baseline (IF's eager pipelines draw their own noise, so their rows have none).
@@ -42,7 +42,7 @@ IF_COMMON = dict(attention_head_dim=64, addition_embed_type="text", addition_emb
                  cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu",
                  encoder_hid_dim=1024, encoder_hid_dim_type="text_proj", mid_block_type="UNetMidBlock2DSimpleCrossAttn")
 IF_STAGE_1 = dict(sample_size=32, in_channels=3, out_channels=6, layers_per_block=2, cross_attention_dim=512,
-                  block_out_channels=(96, 192, 288, 384),
+                  block_out_channels=(128, 256, 384, 512),
                   down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
                   up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",), **IF_COMMON)
 IF_STAGE_2 = dict(sample_size=128, in_channels=6, out_channels=6, layers_per_block=1, cross_attention_dim=256,
@@ -211,18 +211,21 @@ def keystep_rows(args, work: Path) -> tuple[dict, dict]:
     bundle = Bundle.load(work / f"{args.model}-bundle")
     sampler = sampler_for(bundle, get_backend("onnxruntime"))
     rows, flops = {}, {}
+    def plan(stage_bundle, spec, **overrides):
+        """"default": the bundle's own default plan (IF stage II's is the baseline), else the spec."""
+        options = SamplingOptions.from_bundle(stage_bundle, **overrides)
+        return options if spec == "default" else options.with_plan(spec)
+
     for name, spec in keystep_plans(args).items():
         parallel = "batched" in name
         if args.model == "sdxl":
-            options = replace(SamplingOptions.from_bundle(bundle, num_steps=args.steps, guidance=5.0).with_plan(spec),
-                              parallel=parallel)
+            options = replace(plan(bundle, spec, num_steps=args.steps, guidance=5.0), parallel=parallel)
             noise = np.load(work / "sdxl-noise.npy")
             rows[name] = lambda o=options: sampler.sample([PROMPT], o, height=args.size, width=args.size,
                                                           init_noise=noise).latents
             flops[name] = sampler.plan_flops(sampler.prepare(options, 1)) * (args.size / 256) ** 2
         else:
-            stages = [replace(SamplingOptions.from_bundle(s.bundle).with_plan(spec), parallel=parallel)
-                      for s in sampler.stages]
+            stages = [replace(plan(s.bundle, spec), parallel=parallel) for s in sampler.stages]
             rows[name] = lambda o=stages: sampler.sample([PROMPT], o, seed=0)[-1].latents
             flops[name] = sum(s.plan_flops(s.prepare(o, 1)) for s, o in zip(sampler.stages, stages))
     return rows, flops
@@ -290,9 +293,12 @@ def main(argv=None) -> int:
     parser.add_argument("--branch", type=int, default=0, help="DeepCache cache_branch_id")
     parser.add_argument("--dir", default="keystep-bench-families", help="work directory (models, bundle, results)")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build the models and the bundle into --dir and stop (run this under cpu-shared, the "
+                        "timed run under cpu-exclusive)")
     parser.add_argument("--worker", choices=["eager", "keystep"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--prepare-only"]
     args.command = "python -m keystep.tools.bench.families " + " ".join(args.argv)
     work = Path(args.dir)
     if args.worker:
@@ -300,6 +306,8 @@ def main(argv=None) -> int:
         return 0
     work.mkdir(parents=True, exist_ok=True)
     prepare(args, work)
+    if args.prepare_only:
+        return 0
     if args.model == "sdxl":
         noise = np.random.default_rng(0).standard_normal((1, 4, args.size // 8, args.size // 8), dtype=np.float32)
     else:

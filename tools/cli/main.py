@@ -257,6 +257,9 @@ def build_engines_from_args(bundle_dir, args, environment=None) -> int:
     from keystep.runtime.engine_plan import EngineTargets
 
     bundle = Bundle.load(bundle_dir)
+    if bundle.family == "cascade":
+        raise SamplingError(f"TensorRT engines are built per diffusion stage of a cascade: keystep engines "
+                            f"{bundle.root}/<stage> (the cascade's T5 stage has no engine path yet)")
     scale = bundle.model_config.get("vae_scale_factor", 1)
     sizes = {axis: px // scale for axis, px in (("height", args.engine_height), ("width", args.engine_width)) if px}
     targets = EngineTargets(tuple(args.engine_plans or ("default", "all")), tuple(args.engine_images),
