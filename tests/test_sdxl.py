@@ -182,5 +182,5 @@ def test_key_step_measurement_tool(sdxl_bundle_dir, capsys):
                            "64"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "dB |" in line]
-    assert len(rows) == 7 and all(0 < float(r.split("|")[3]) < 1 for r in rows)
+    assert len(rows) == 8 and all(0 < float(r.split("|")[3]) < 1 for r in rows)
     assert "largest feature change" in out and "step 1:" in out

@@ -5,9 +5,9 @@ and how close candidate key-step lists stay to the baseline at what FLOP cost.
                                            [--markdown FILE]
 
 Per step count: (1) one run with the encoder at every step (FasterDiffusion's motivation): the relative L2 change
-of the encoder outputs between adjacent steps, averaged over the calibration runs; (2) candidate plans — the UNet
-default (FasterDiffusion's 50-step list cut to N), that list scaled to N, ``uniform:M``, and the steps of largest
-feature change under the default's FLOP budget (``keystep tune --method similarity``'s rule) — each with its FLOP
+of the encoder outputs between adjacent steps, averaged over the calibration runs; (2) candidate plans — the
+family's ``default`` rule, FasterDiffusion's 50-step SD list cut to N and scaled to N, ``uniform:M``, and the steps
+of largest feature change under the default's FLOP budget (``keystep tune --method similarity``'s rule) — each with its FLOP
 ratio, FLOP bound and the PSNR of its final latents vs the baseline's (same z_T). Untimed (``cpu-shared`` is fine).
 """
 
@@ -47,8 +47,10 @@ def measure(bundle_dir: str, steps: int, seeds: int, prompts: list[str], height,
     reference, _ = calibration.run(options.with_plan("all"))
     change = encoder_feature_change(calibration)
     budget = calibration.flops(options.with_plan("default"))
-    candidates = {"UNet default (FasterDiffusion's list cut to N)": "default",
-                  "FasterDiffusion's list scaled to N": scaled_list(steps),
+    cut = ",".join(str(i) for i in FASTERDIFFUSION_50 if i < steps)
+    candidates = {f"the bundle family's default rule ({bundle.family})": "default",
+                  "FasterDiffusion's SD list cut to N": cut,
+                  "FasterDiffusion's SD list scaled to N": scaled_list(steps),
                   "largest feature change, default's FLOP budget": similarity_key_steps(calibration, budget)}
     candidates.update({f"uniform:{m}": f"uniform:{m}" for m in (2, 3, 4, 5)})
     rows = []
