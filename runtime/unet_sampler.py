@@ -28,7 +28,6 @@ from .sampler import (
     check_noise,
     row_values,
     tile_per_half,
-    to_uint8,
 )
 from .sdxl import SizeConditioning
 from .tokenizer import ClipTokenizer
@@ -76,19 +75,25 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
         outputs = [o.name for o in bundle.stage("encoder").outputs]
         self.skip_names = [n for n in outputs if n.startswith("skip_")]
 
-    def encode_text(self, prompts: list[str], prompts_2: list[str] | None = None) -> tuple[np.ndarray, dict]:
+    def encode_text(self, prompts: list[str]) -> np.ndarray:
+        """The first text encoder's embeddings (SD 1.x/2.x: the UNet's ``encoder_hidden_states``)."""
+        ids = self.tokenizer.encode(prompts)
+        return self.runner("text_encoder").run({"input_ids": ids})["text_embeddings"]
+
+    def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None) -> tuple[np.ndarray, dict]:
         """(text embeddings, per-row conditioning). SDXL: both encoders' penultimate hidden states concatenated
         (``prompts_2`` for the second, default ``prompts``) and ``text_embeds`` = the second's pooled projection."""
-        first = self.runner("text_encoder").run({"input_ids": self.tokenizer.encode(prompts)})
+        first = self.encode_text(prompts)
         if not self.sdxl:
-            return first["text_embeddings"], {}
+            return first, {}
         second = self.runner("text_encoder_2").run({"input_ids": self.tokenizer_2.encode(prompts_2 or prompts)})
-        text = np.concatenate([first["text_embeddings"], second["text_embeddings"]], axis=-1)
+        text = np.concatenate([first, second["text_embeddings"]], axis=-1)
         return text, {"text_embeds": second["text_embeds"]}
 
-    def initial_noise(self, images: int, height: int, width: int, seed: int) -> np.ndarray:
+    def initial_noise(self, images: int, height: int, width: int, seed: int,
+                      generator: np.random.Generator | None = None) -> np.ndarray:
         shape = (images, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return self.initial_noise_from(shape, seed, generator)
 
     def sample(
         self,
@@ -104,6 +109,7 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         size_conditioning: SizeConditioning | None = None,
+        generator: np.random.Generator | None = None,
     ) -> SampleResult:
         """``prompt_2`` / ``negative_prompt_2`` (the second text encoder's) and ``size_conditioning`` apply to SDXL
         bundles, as StableDiffusionXLPipeline's arguments of those names."""
@@ -120,9 +126,10 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
             raise SamplingError(f"this model needs height and width in multiples of {multiple}, got {height}x{width}")
         images = len(prompts)
         expected = (images, self.latent_channels, height // f, width // f)
-        noise = self.initial_noise(images, height, width, seed) if init_noise is None else check_noise(init_noise, expected)
+        noise = (self.initial_noise(images, height, width, seed, generator) if init_noise is None
+                 else check_noise(init_noise, expected))
         cfg = options.guidance > 1
-        text, conditioning = self.encode_text(list(prompts), self._per_image(prompt_2, images, "prompt_2"))
+        text, conditioning = self.encode_prompt(list(prompts), self._per_image(prompt_2, images, "prompt_2"))
         if cfg:
             negative, negative_conditioning = self._negative(negative_prompt, negative_prompt_2, images, text,
                                                              conditioning)
@@ -139,7 +146,7 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
             control = self._check_control(control_image, images, height, width)
             control = np.concatenate([control, control]) if cfg else control
         context = TextToImageContext(text, control, control_scale, conditioning)
-        return self.run_plan(noise, options, context, seed=seed)
+        return self.run_plan(noise, options, context, seed=seed, generator=generator)
 
     @staticmethod
     def _per_image(prompts: str | list[str] | None, images: int, what: str) -> list[str] | None:
@@ -156,7 +163,7 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
             return np.zeros_like(text), {k: np.zeros_like(v) for k, v in conditioning.items()}
         negatives = self._per_image(negative_prompt or "", images, "negative prompt")
         negatives_2 = self._per_image(negative_prompt_2, images, "negative_prompt_2") or negatives
-        return self.encode_text(negatives, negatives_2 if self.sdxl else None)
+        return self.encode_prompt(negatives, negatives_2 if self.sdxl else None)
 
     def full_stage_usable(self, context) -> bool:
         # the full UNet has no residual inputs: with ControlNet the baseline runs every step as a key step instead
@@ -187,11 +194,6 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
         cache["mid"] = outputs["mid"] + residuals["mid_res"]
         return cache
 
-    def decode(self, latents: np.ndarray) -> np.ndarray | None:
-        """Pixel-space models (no VAE; ``pixel_space`` in the model config) sample images in [-1, 1] themselves."""
-        if self.bundle.model_config.get("pixel_space"):
-            return to_uint8((latents + 1) / 2)
-        return super().decode(latents)
 
 
 def load_control_image(path: str, height: int, width: int) -> np.ndarray:

@@ -99,7 +99,7 @@ def test_text_encoders_match_the_pipeline(sampler, sdxl_pipe):
     """Both tokenizers (the second pads with "!") in pure Python and both ONNX encoders == encode_prompt."""
     long = "a very long prompt " * 30  # truncated at 77 tokens
     prompts, prompts_2 = [*PROMPTS, long], ["second encoder text", "", "x"]
-    text, conditioning = sampler.encode_text(prompts, prompts_2)
+    text, conditioning = sampler.encode_prompt(prompts, prompts_2)
     with torch.no_grad():
         embeds, _, pooled, _ = sdxl_pipe.encode_prompt(prompts, prompt_2=prompts_2, device="cpu",
                                                        do_classifier_free_guidance=False)
