@@ -258,9 +258,7 @@ def build_if_bundle(
                          "vocab_size": t5.vocab_size},
         "source": {"kind": "diffusers-pipeline", "path": str(Path(resolve_model_path(model)).resolve()),
                    "super_resolution": [str(Path(p).resolve()) for p in super_resolution]},
-        "cascade": parts,
-        "scheduler": {},  # each diffusion stage has its own (in its sub-bundle)
-        "default_plan": {},
+        "cascade": parts,  # each diffusion stage has its own scheduler and plan (in its sub-bundle)
     }
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = t5_tokenizer_asset(loaded.tokenizer_dir, Path(scratch))

@@ -18,18 +18,20 @@ the shared plan executor (key steps, DeepCache, batched decoders, ...). Pipeline
 
 Noise: stage i draws its initial sample from ``default_rng((seed, i))`` and its scheduler / image noise from
 ``default_rng((seed, i, 1))`` (upscale noise first, then each stochastic step), so stages are independent; pass
-``rng=`` (anything with numpy's ``standard_normal``) to reproduce another noise source.
+``generator=`` (anything with numpy's ``standard_normal``) to reproduce another noise source.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backends.base import Backend
-from .bundle import Bundle, BundleError
-from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, check_noise, to_uint8
+from .bundle import MANIFEST_NAME, Bundle, BundleError
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, SerialRunner, check_noise, to_uint8
 from .schedulers import make_scheduler
 from .t5_tokenizer import T5Tokenizer
 from .unet_sampler import SplitUNetFeeds
@@ -88,9 +90,9 @@ class IFStageSampler(SplitUNetFeeds, PlanSampler):
         if self._cascade is None:
             parent = self.bundle.root.resolve().parent
             try:
-                top = Bundle.load(parent)
-            except BundleError:
-                top = None
+                top = Bundle.load(parent) if (parent / MANIFEST_NAME).is_file() else None
+            except BundleError as exc:
+                raise SamplingError(f"{self.bundle.root}: its cascade bundle does not load: {exc}") from None
             if top is None or top.family != "cascade":
                 raise SamplingError(f"{self.bundle.root} is an IF diffusion stage outside its cascade bundle (its "
                                     f"parent directory holds the text encoder)")
@@ -115,10 +117,13 @@ class IFStageSampler(SplitUNetFeeds, PlanSampler):
         seed: int = 0,
         image: np.ndarray | None = None,
         noise_level: int | None = None,
-        rng=None,
+        generator=None,
+        text: np.ndarray | None = None,
     ) -> SampleResult:
         """One diffusion stage. A super-resolution stage upscales ``image`` (N, C, h, w in [-1, 1]); without it the
-        cascade's earlier stages make it from the prompts with their default plans (cached per prompts and seed)."""
+        cascade's earlier stages make it from the prompts with their default plans. ``generator``: the noise source
+        (anything with numpy's ``standard_normal``; default seeded per stage). ``text``: the T5 rows, if the
+        cascade has encoded them already."""
         if not prompts:
             raise SamplingError("no prompt given")
         height, width = self.output_size(height, width)
@@ -128,12 +133,12 @@ class IFStageSampler(SplitUNetFeeds, PlanSampler):
         images = len(prompts)
         expected = (images, self.channels, height, width)
         index = self.index
-        noise = (np.random.default_rng((seed, index)).standard_normal(expected, dtype=np.float32)
-                 if init_noise is None else check_noise(init_noise, expected))
-        rng = np.random.default_rng((seed, index, 1)) if rng is None else rng
+        source = np.random.default_rng((seed, index)) if generator is None else generator
+        noise = (source.standard_normal(expected, dtype=np.float32) if init_noise is None
+                 else check_noise(init_noise, expected))
+        rng = np.random.default_rng((seed, index, 1)) if generator is None else generator
         cfg = options.guidance > 1
-        text = self.cascade.text_rows(list(prompts), negative_prompt, cfg)
-        context = IFContext(text)
+        context = IFContext(self.cascade.text_rows(list(prompts), negative_prompt, cfg) if text is None else text)
         if self.super_resolution:
             if image is None:
                 image = self.cascade.stage_input(index, list(prompts), negative_prompt, seed)
@@ -151,7 +156,7 @@ class IFStageSampler(SplitUNetFeeds, PlanSampler):
             rows = 2 * images if cfg else images
             context.upscaled = np.concatenate([upscaled, upscaled]) if cfg else upscaled
             context.conditioning["class_labels"] = np.full(rows, level, np.float32)
-        return self.run_plan(noise, options, context, seed=seed, rng=rng)
+        return self.run_plan(noise, options, context, seed=seed, generator=rng)
 
     def prepare(self, options, images, context=None):
         prepared = super().prepare(options, images, context)
@@ -176,16 +181,14 @@ class IFStageSampler(SplitUNetFeeds, PlanSampler):
             return pred[:, : self.channels]
         return pred
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """IF stages sample images in [-1, 1]."""
-        return to_uint8((latents + 1) / 2)
-
 
 class CascadeSampler:
-    """Runs a cascade bundle: T5 once per prompt set, then every diffusion stage in order, each with its own
-    options (default: that stage's default plan)."""
+    """Runs a cascade bundle: T5 once per call, then every diffusion stage in order, each with its own options
+    (default: that stage's default plan). Thread-safe as the plan samplers are: per-call state only (the cache of
+    earlier stages' images, used when one super-resolution stage samples alone, is bounded and locked)."""
 
     family = "cascade"
+    STAGE_INPUTS_KEPT = 4
 
     def __init__(self, bundle: Bundle, backend: Backend):
         if bundle.family != "cascade":
@@ -193,12 +196,13 @@ class CascadeSampler:
         self.bundle, self.backend = bundle, backend
         self.text_len = bundle.model_config["text_len"]
         self.tokenizer = T5Tokenizer.from_dir(bundle.root / "tokenizer")
-        self.stage_names = [part["name"] for part in bundle.manifest["cascade"]]
-        self.stages = [IFStageSampler(Bundle.load(bundle.root / name), backend, cascade=self)
-                       for name in self.stage_names]
+        self.stage_names = list(bundle.parts)
+        self.stages = [IFStageSampler(part, backend, cascade=self) for part in bundle.parts.values()]
         self._text_encoder = None
-        self._texts: dict[tuple, np.ndarray] = {}
-        self._inputs: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._inputs: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    can_decode = True  # IF stages sample images
 
     def index_of(self, stage_bundle: Bundle) -> int:
         name = stage_bundle.root.resolve().name
@@ -212,52 +216,67 @@ class CascadeSampler:
         return self.stages[self.stage_names.index(name)]
 
     def encode_text(self, prompts: list[str]) -> np.ndarray:
-        if self._text_encoder is None:
-            self._text_encoder = self.backend.load(self.bundle.stage("text_encoder"))
+        with self._lock:
+            if self._text_encoder is None:
+                runner = self.backend.load(self.bundle.stage("text_encoder"))
+                self._text_encoder = runner if getattr(runner, "thread_safe", False) else SerialRunner(runner)
         ids, mask = self.tokenizer.encode(preprocess_prompts(prompts), self.text_len)
         return self._text_encoder.run({"input_ids": ids, "attention_mask": mask})["text_embeddings"]
 
     def text_rows(self, prompts: list[str], negative_prompt, cfg: bool) -> np.ndarray:
-        """T5 embeddings of the prompts, with CFG [negative, prompt]; cached per inputs (stages share them)."""
-        negatives = None
-        if cfg:
-            negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) \
-                else list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise SamplingError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        key = (tuple(prompts), tuple(negatives) if negatives else None)
-        if key not in self._texts:
-            text = self.encode_text(prompts)
-            self._texts[key] = np.concatenate([self.encode_text(negatives), text]) if cfg else text
-        return self._texts[key]
+        """T5 embeddings of the prompts, with CFG [negative, prompt] (the negative prompt defaults to "")."""
+        text = self.encode_text(prompts)
+        if not cfg:
+            return text
+        negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) \
+            else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise SamplingError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        return np.concatenate([self.encode_text(negatives), text])
 
     def stage_input(self, index: int, prompts: list[str], negative_prompt, seed: int) -> np.ndarray:
-        """The image entering stage ``index``: the stages before it run with their default plans (cached)."""
+        """The image entering stage ``index`` when it samples alone: the stages before it run with their default
+        plans (the last few results kept, so tune/profile of one stage do not re-run the earlier ones)."""
         key = (index, tuple(prompts), str(negative_prompt), seed)
-        if key not in self._inputs:
-            image = None
-            for stage in self.stages[:index]:
-                options = SamplingOptions.from_bundle(stage.bundle)
-                image = stage.sample(prompts, options, negative_prompt, seed=seed, image=image).latents
+        with self._lock:
+            if key in self._inputs:
+                return self._inputs[key]
+        image = None
+        for stage in self.stages[:index]:
+            options = SamplingOptions.from_bundle(stage.bundle)
+            image = stage.sample(prompts, options, negative_prompt, seed=seed, image=image).latents
+        with self._lock:
             self._inputs[key] = image
-        return self._inputs[key]
+            while len(self._inputs) > self.STAGE_INPUTS_KEPT:
+                self._inputs.popitem(last=False)
+        return image
+
+    def stage_sizes(self, height: int | None, width: int | None) -> list[tuple[int, int]]:
+        """Each stage's (height, width) when stage I makes ``height`` x ``width``: later stages keep their default
+        size ratio to stage I (IF-II: 4x)."""
+        first = self.stages[0]
+        h, w = first.output_size(height, width)
+        return [(round(h * s.default_size[0] / first.default_size[0]), round(w * s.default_size[1] /
+                                                                              first.default_size[1]))
+                for s in self.stages]
 
     def sample(self, prompts: list[str], options: list[SamplingOptions] | None = None, negative_prompt=None,
                height: int | None = None, width: int | None = None, seed: int = 0, stages: int | None = None,
-               noise_level: int | None = None) -> list[SampleResult]:
+               noise_level: int | None = None, generator=None) -> list[SampleResult]:
         """Every diffusion stage in order (the first ``stages`` of them); ``options[i]`` for stage i (default its
-        bundle's default plan). ``height``/``width`` set stage I's size; later stages keep their size ratio to it."""
+        bundle's default plan). ``height``/``width`` set stage I's size (:meth:`stage_sizes`). ``generator``
+        (anything with numpy's ``standard_normal``) replaces every stage's seeded noise, drawn in stage order."""
         count = len(self.stages) if stages is None else stages
         options = options or [SamplingOptions.from_bundle(s.bundle) for s in self.stages[:count]]
-        first = self.stages[0]
-        h, w = first.output_size(height, width)
+        text = {}  # T5 once per call: with and without CFG rows, as the stages' guidance asks
         results, image = [], None
-        for stage, stage_options in zip(self.stages[:count], options):
-            scale_h = stage.default_size[0] / first.default_size[0]
-            scale_w = stage.default_size[1] / first.default_size[1]
-            result = stage.sample(prompts, stage_options, negative_prompt, height=round(h * scale_h),
-                                  width=round(w * scale_w), seed=seed, image=image,
-                                  noise_level=noise_level if stage.super_resolution else None)
+        for stage, stage_options, (h, w) in zip(self.stages[:count], options, self.stage_sizes(height, width)):
+            cfg = stage_options.guidance > 1
+            if cfg not in text:
+                text[cfg] = self.text_rows(list(prompts), negative_prompt, cfg)
+            result = stage.sample(prompts, stage_options, negative_prompt, height=h, width=w, seed=seed, image=image,
+                                  noise_level=noise_level if stage.super_resolution else None, generator=generator,
+                                  text=text[cfg])
             results.append(result)
             image = result.latents
         return results

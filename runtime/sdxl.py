@@ -13,27 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sampler import SamplingError
-
 Size = tuple[int, int]
-
-
-def _pair(value, name: str) -> Size | None:
-    if value is None:
-        return None
-    try:
-        a, b = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise SamplingError(f"{name} must be two integers (height/y, width/x), got {value!r}") from None
-    if a < 0 or b < 0:
-        raise SamplingError(f"{name} must not be negative, got {value!r}")
-    return a, b
 
 
 @dataclass(frozen=True)
 class SizeConditioning:
     """SDXL's micro-conditioning, as the pipeline's ``original_size`` / ``crops_coords_top_left`` / ``target_size``
-    arguments and their ``negative_*`` counterparts (None = the pipeline's default)."""
+    arguments and their ``negative_*`` counterparts (None = the pipeline's default; the request layer,
+    :mod:`keystep.runtime.request`, checks the values)."""
 
     original_size: Size | None = None
     crops_coords_top_left: Size | None = None
@@ -41,10 +28,6 @@ class SizeConditioning:
     negative_original_size: Size | None = None
     negative_crops_coords_top_left: Size | None = None
     negative_target_size: Size | None = None
-
-    @classmethod
-    def of(cls, **values) -> "SizeConditioning":
-        return cls(**{k: _pair(v, k) for k, v in values.items()})
 
     def time_ids(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """(positive, negative) time ids, 6 float32 values each."""

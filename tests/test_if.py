@@ -99,7 +99,7 @@ def test_stage_1_baseline_equals_if_pipeline(cascade, if_pipes):
                            generator=torch.Generator().manual_seed(0), output_type="pt").images.numpy()
     noise, generator = stage_1_noise(0, 2, 16)
     ours = first.sample(PROMPTS, options(first, num_steps=6, guidance=7.0, key_steps="all"), NEGATIVE,
-                        init_noise=noise.numpy(), rng=TorchNormal(generator))
+                        init_noise=noise.numpy(), generator=TorchNormal(generator))
     np.testing.assert_allclose(ours.latents, expected, **TOL)
 
 
@@ -119,7 +119,7 @@ def test_stage_2_baseline_equals_super_resolution_pipeline(cascade, if_pipes, lo
     noise = torch.randn((2, 3, 32, 32), generator=generator)  # then the upscale noise, then the DDPM steps
     ours = second.sample(PROMPTS, options(second, num_steps=5, guidance=4.0, key_steps="all"), NEGATIVE,
                          init_noise=noise.numpy(), image=low_res.numpy(), noise_level=100,
-                         rng=TorchNormal(generator))
+                         generator=TorchNormal(generator))
     np.testing.assert_allclose(ours.latents, expected, **TOL)
 
 
@@ -134,7 +134,7 @@ def test_stage_1_key_steps_equal_the_reference_loop(cascade, if_pipes, key_steps
     for parallel in (True, False):
         noise, generator = stage_1_noise(2, 1, 16)
         ours = first.sample(PROMPTS[:1], options(first, num_steps=8, key_steps=key_steps, parallel=parallel),
-                            init_noise=noise.numpy(), rng=TorchNormal(generator))
+                            init_noise=noise.numpy(), generator=TorchNormal(generator))
         assert list(ours.prepared.plan.key_steps) == keys
         np.testing.assert_allclose(ours.latents, expected, **LOOP_TOL)
 
@@ -153,7 +153,7 @@ def test_stage_2_key_steps_equal_the_reference_loop(cascade, if_pipes, low_res):
     generator = torch.Generator().manual_seed(3)
     noise = torch.randn((1, 3, 32, 32), generator=generator)
     ours = second.sample(PROMPTS[:1], options(second, num_steps=8, key_steps="0,2,5", parallel=True),
-                         init_noise=noise.numpy(), image=low_res[:1].numpy(), rng=TorchNormal(generator))
+                         init_noise=noise.numpy(), image=low_res[:1].numpy(), generator=TorchNormal(generator))
     assert any(len(c.steps) > 1 for c in ours.prepared.calls)
     np.testing.assert_allclose(ours.latents, expected, **LOOP_TOL)
 
@@ -173,8 +173,8 @@ def test_cli_cascade(if_bundle_dir, sd_bundle_dir, tmp_path, capsys):
                  "--stage", "stage_2", "--key-steps", "all", "--out", str(out)]) == 0
     assert [Image.open(tmp_path / f"img-{i}.png").size for i in range(2)] == [(32, 32)] * 2
     text = capsys.readouterr().out
-    assert "stage_1 (16x16): 3 key steps of 10" in text  # i < 1, i > 8.5 or i mod 5 == 0
-    assert "stage_2 (32x32): 3 key steps of 3, 6 stage calls" in text  # all: encoder + decoder per step (no full)
+    assert "stage_1 16x16: default: 3 key steps of 10" in text  # i < 1, i > 8.5 or i mod 5 == 0
+    assert "stage_2 32x32: all: 3 key steps of 3, 6 stage calls" in text  # all: encoder + decoder per step (no full)
     assert main(["generate", str(if_bundle_dir / "stage_1"), "--prompt", "a cat", "--steps", "2",
                  "--out", str(out)]) == 0
     assert Image.open(out).size == (16, 16)

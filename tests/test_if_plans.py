@@ -50,7 +50,7 @@ def run_ours(stage, spec, seed, steps, size, low_res=None):
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, 3, size, size), generator=generator).numpy()
     options = SamplingOptions.from_bundle(stage.bundle, num_steps=steps).with_plan(spec)
-    return stage.sample([PROMPT], options, init_noise=noise, rng=TorchNormal(generator),
+    return stage.sample([PROMPT], options, init_noise=noise, generator=TorchNormal(generator),
                         image=None if low_res is None else low_res.numpy())
 
 

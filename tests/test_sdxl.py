@@ -129,7 +129,7 @@ def test_baseline_equals_the_sdxl_pipeline(sampler, sdxl_pipe, case):
                                                                  key_steps="all"),
                             negative_prompt=kwargs.get("negative_prompt"), prompt_2=kwargs.get("prompt_2"),
                             negative_prompt_2=kwargs.get("negative_prompt_2"), height=64, width=80,
-                            init_noise=latents.numpy(), size_conditioning=SizeConditioning.of(**sizes))
+                            init_noise=latents.numpy(), size_conditioning=SizeConditioning(**sizes))
     calls = result.prepared.calls  # no full graph: every step is a key step with its own decoder call
     assert [c.stage for c in calls] == ["encoder", "decoder"] * 5 and all(len(c.steps) == 1 for c in calls)
     np.testing.assert_allclose(result.latents, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
@@ -157,12 +157,12 @@ def test_key_step_plan_equals_the_reference_loop(sampler, sdxl_pipe, key_steps):
 def test_cli_generates_with_sdxl_options(sdxl_bundle_dir, tmp_path, capsys):
     out = tmp_path / "img.png"
     assert main(["generate", str(sdxl_bundle_dir), "--prompt", "a cat", "--prompt-2", "a dog", "--negative-prompt",
-                 "blurry", "--height", "64", "--width", "80", "--steps", "3", "--original-size", "128", "128",
-                 "--crops-coords-top-left", "0", "8", "--target-size", "64", "80", "--out", str(out)]) == 0
-    assert Image.open(out).size == (80, 64)
+                 "blurry", "--height", "64", "--width", "96", "--steps", "3", "--original-size", "128", "128",
+                 "--crops-coords-top-left", "0", "8", "--target-size", "64", "96", "--out", str(out)]) == 0
+    assert Image.open(out).size == (96, 64)
     capsys.readouterr()
     assert main(["generate", str(sdxl_bundle_dir), "--prompt", "a", "--original-size", "-1", "5"]) == 2
-    assert "must not be negative" in capsys.readouterr().err
+    assert "--original-size: must be in 1..65536, got -1" in capsys.readouterr().err
     assert main(["inspect", str(sdxl_bundle_dir), "--steps", "10", "--key-steps", "all"]) == 0
     text = capsys.readouterr().out
     assert "text_encoder_2" in text and "baseline" in text

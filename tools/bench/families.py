@@ -279,7 +279,7 @@ def table(args, eager, keystep) -> str:
                      f"{bound} | {quality} |")
     build = json.loads((Path(args.dir) / f"{args.model}-build.json").read_text())["seconds"]
     lines.append(f"\nBundle build: {build:.0f} s. FLOP bound = baseline FLOPs / the row's FLOPs (graph-counted"
-                 + (f", scaled by pixel count from the manifest's 256 px" if args.model == "sdxl" else "") + ").")
+                 + (", scaled by pixel count from the manifest's 256 px" if args.model == "sdxl" else "") + ").")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from keystep.runtime.backends.base import backend_names
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.errors import KeystepError
 from keystep.runtime.request import RequestError, validate_options
-from keystep.runtime.sampler import SamplingOptions
+from keystep.runtime.sampler import SamplingError, SamplingOptions
 from keystep.runtime.schedulers import SCHEDULERS
 
 from .args import Parser, list_flag
