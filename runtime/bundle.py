@@ -107,7 +107,7 @@ class Bundle:
 
     @property
     def scheduler_config(self) -> dict:
-        return self.manifest["scheduler"]
+        return self.manifest["scheduler"] if "scheduler" in self.manifest else self._per_stage("scheduler")
 
     @property
     def pixel_space(self) -> bool:
@@ -120,7 +120,12 @@ class Bundle:
 
     @property
     def default_plan(self) -> dict:
-        return self.manifest["default_plan"]
+        return self.manifest["default_plan"] if "default_plan" in self.manifest else self._per_stage("plan")
+
+    def _per_stage(self, what: str):
+        """A cascade has no scheduler or plan of its own: each diffusion stage has them."""
+        raise BundleError(f"{self.root} is a DeepFloyd-IF cascade: each diffusion stage has its own {what} (stages: "
+                          f"{', '.join(self.parts)}); give {self.root}/<stage> to this command")
 
     @property
     def cache_variants(self) -> dict[str, dict]:

@@ -180,10 +180,10 @@ def test_cli_cascade(if_bundle_dir, sd_bundle_dir, tmp_path, capsys):
     assert Image.open(out).size == (16, 16)
     for argv, message in [
         (["generate", str(if_bundle_dir), "--prompt", "a", "--stage", "stage_9"], "stage_1, stage_2"),
-        (["generate", str(if_bundle_dir), "--prompt", "a", "--height", "18"], "multiples of 4"),
+        (["generate", str(if_bundle_dir), "--prompt", "a", "--height", "18"], "must be a multiple of 4"),
         (["generate", str(if_bundle_dir), "--prompt", "a", "--original-size", "1", "1"], "SDXL bundles only"),
         (["generate", str(sd_bundle_dir), "--prompt", "a", "--noise-level", "3"], "super-resolution"),
-        (["profile", str(if_bundle_dir)], "keystep profile"),
+        (["profile", str(if_bundle_dir)], "each diffusion stage has its own plan"),
         (["tune", str(if_bundle_dir), "--target-speedup", "2"], "keystep tune"),
         (["engines", str(if_bundle_dir)], "keystep engines"),
     ]:
