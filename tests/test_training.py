@@ -137,3 +137,105 @@ def test_demo_end_to_end(tmp_path):
     assert sd_keys["speedup"] > 1 and sd_keys["baseline"] == "digits-sd"
     assert (tmp_path / "demo.md").is_file() and (tmp_path / "demo-plot.png").is_file()
     assert len(list(tmp_path.glob("*.png"))) == 7
+
+
+def _assert_identical(a, b):
+    """Nested dicts / lists / tuples of tensors and plain values, compared exactly."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_identical(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_identical(x, y)
+    else:
+        assert a == b
+
+
+def _dydit_recipe(**kw):
+    from keystep.tools.train.dydit import Recipe
+
+    return Recipe("digits-dit", 0.5, 5, batch=4, warmup=3, distill_weight=1.0, full_weight=0.5, ema=0.99,
+                  freeze_routers_at=3, **kw)
+
+
+def test_dydit_finetune_resumed_in_chunks_equals_an_uninterrupted_run(tmp_path):
+    """Weights, EMA, routers, optimizer and RNG all carry over: 2 + 2 + 1 iterations (across the router freeze)
+    give bit-identical weights to 5 in one go, and the saved models match."""
+    from safetensors.torch import load_file
+
+    from keystep.tools.train.dydit import STATE_KIND, run
+    from keystep.tools.train.resumable import load_state
+
+    quiet = lambda m: None  # noqa: E731
+    torch.set_num_threads(1)  # float reductions depend on the thread count
+    whole, chunked = tmp_path / "whole.safetensors", tmp_path / "chunked.safetensors"
+    r = run(_dydit_recipe(), whole, progress=quiet)
+    assert r["done"] and r["iteration"] == 5
+    r = run(_dydit_recipe(), chunked, chunk_iters=2, progress=quiet)
+    assert not r["done"] and r["iteration"] == 2 and not chunked.exists()
+    assert run(None, chunked, resume=True, chunk_iters=2, progress=quiet)["iteration"] == 4
+    assert run(None, chunked, resume=True, progress=quiet)["done"]
+    a, b = (load_state(p.with_name(p.name + ".state.pt"), STATE_KIND) for p in (whole, chunked))
+    assert a["iteration"] == b["iteration"] == 5
+    for key in ("model", "routers", "ema", "optimizer"):
+        _assert_identical(a[key], b[key])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["numpy"] == b["rng"]["numpy"]
+    saved_a, saved_b = load_file(str(whole)), load_file(str(chunked))
+    assert saved_a.keys() == saved_b.keys()
+    assert all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    # the EMA, not the last iterate, is what was saved
+    assert not torch.equal(saved_a["blocks.0.mlp.fc1.weight"], a["model"]["blocks.0.fc1.weight"])
+
+
+def test_dydit_finetune_saves_the_masks_it_trained_with_and_its_recipe(tmp_path):
+    """After the router freeze the saved (EMA) routers are the frozen ones, so the masks the exporter compiles are
+    the masks the weights were fine-tuned with; the recipe is in the safetensors metadata."""
+    from safetensors import safe_open
+
+    from keystep.export.dit_loaders import load_dit
+    from keystep.export.dydit import WidthRouters
+    from keystep.tools.train.dydit import STATE_KIND, run
+    from keystep.tools.train.resumable import load_state
+
+    out = tmp_path / "d.safetensors"
+    run(_dydit_recipe(), out, progress=lambda m: None)
+    state = load_state(out.with_name(out.name + ".state.pt"), STATE_KIND)
+    loaded = load_dit(out)
+    trained = WidthRouters(128, 6, 4)
+    trained.load_state_dict(state["routers"])
+    t = np.arange(1000)
+    np.testing.assert_array_equal(loaded.routers.masks(loaded.model, t), trained.masks(loaded.model, t))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["train_distill_weight"] == "1.0" and meta["train_freeze_routers_at"] == "3"
+    assert meta["train_seed"] == "0" and meta["train_iterations_run"] == "5" and float(meta["train_seconds"]) >= 0
+
+
+def test_dydit_finetune_without_token_skip_saves_routers_that_keep_every_token(tmp_path):
+    from keystep.export.dit_loaders import load_dit
+    from keystep.tools.train.dydit import run
+
+    out = tmp_path / "w.safetensors"
+    run(_dydit_recipe(token_skip=False), out, progress=lambda m: None)
+    model = load_dit(out).model
+    x = 10 * torch.randn(64, 16, 128)
+    with torch.no_grad():
+        assert all(bool((block.token_router(x) > 0).all()) for block in model.blocks)
+
+
+def test_dydit_trainer_cli_errors_are_one_line(tmp_path, capsys):
+    from keystep.tools.train.dydit import main
+
+    assert main(["--out", str(tmp_path / "x.safetensors"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no training state at") and "\n" not in err
+    (tmp_path / "x.safetensors.state.pt").write_bytes(b"not a state")
+    assert main(["--out", str(tmp_path / "x.safetensors"), "--resume"]) == 2
+    assert "cannot read training state" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "y.safetensors")])  # a new run needs --target
+    assert "--target" in capsys.readouterr().err
