@@ -239,3 +239,36 @@ def test_dydit_trainer_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "y.safetensors")])  # a new run needs --target
     assert "--target" in capsys.readouterr().err
+
+
+def test_dit_training_resumed_equals_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from keystep.tools.train.dit import train
+
+    quiet = lambda m: None  # noqa: E731
+    torch.set_num_threads(1)
+    whole, chunked = tmp_path / "whole.safetensors", tmp_path / "chunked.safetensors"
+    assert train(whole, 3, "speedit", batch=4, progress=quiet)["done"]
+    r = train(chunked, 3, "speedit", batch=4, progress=quiet, chunk_iters=2)
+    assert not r["done"] and r["iteration"] == 2 and not chunked.exists()
+    r = train(chunked, None, progress=quiet, resume=True)  # the recipe (sampler, batch, iters) comes from the state
+    assert r["done"] and r["iteration"] == 3
+    a, b = load_file(str(whole)), load_file(str(chunked))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_speedit_comparison_table_reports_mean_and_spread_over_seeds():
+    from keystep.tools.train.speedit_compare import to_markdown
+
+    def curve(acc, fd):
+        return [{"iters": 500, "accuracy": acc, "digits_fd": fd}]
+
+    results = {"uniform": {0: curve(0.10, 200.0), 1: curve(0.20, 100.0), 2: curve(0.30, 150.0)},
+               "speedit": {0: curve(0.90, 50.0), 1: curve(0.90, 50.0), 2: curve(0.90, 50.0)}}
+    table = to_markdown(results, "cmd", 300)
+    assert "seeds 0, 1, 2" in table and "mean ± sd (min–max)" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+            if line.startswith("| uniform") or line.startswith("| speedit")}
+    assert rows["uniform"] == ["20.0 ± 10.0 (10.0–30.0)", "150.0 ± 50.0 (100.0–200.0)"]  # sample sd (n - 1)
+    assert rows["speedit"] == ["90.0 ± 0.0 (90.0–90.0)", "50.0 ± 0.0 (50.0–50.0)"]

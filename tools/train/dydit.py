@@ -282,7 +282,7 @@ class FineTune:
             update_ema(self.ema[0], model, since, r.ema)
             update_ema(self.ema[1], self.routers, since, r.ema)
         with torch.no_grad():
-            token_logits = torch.cat([logits.flatten() for _, logits in self.selections] or [torch.ones(1)])
+            token_logits = torch.cat([logits.flatten() for _, logits in self.selections] or [torch.full((1,), 1e9)])
             self._window.append([float(((dynamic_pred - noise) ** 2).mean()),
                                  float(((dynamic_pred - teacher) ** 2).mean()) if teacher is not None else float("nan"),
                                  float(full_loss), float(ratio),
@@ -329,6 +329,7 @@ class FineTune:
             "flops_ratio": ratio, "flops_target": target,
             "width_on": float(masks.mean()),  # incl. the always-on unit 0
             "width_undecided": float((logits.abs() < UNDECIDED_LOGIT).float().mean()),
+            "width_logit_median": float(logits.abs().median()),
             "width_flips": int((masks != self._last_masks).sum()),
             "token_undecided": tok_undecided, "token_kept": tok_kept,
         }
@@ -352,7 +353,8 @@ def format_log(entry: dict, iters: int, seconds: float) -> str:
     distill = "" if np.isnan(entry["teacher_mse"]) else f"  vs teacher {entry['teacher_mse']:.4f}"
     return (f"iter {entry['iteration']}/{iters}  dynamic {entry['dynamic_mse']:.4f}{distill}  full {entry['full_loss']:.4f}  "
             f"FLOPs ratio {entry['flops_ratio']:.3f} (target {entry['flops_target']:.3f})  width on "
-            f"{entry['width_on']:.3f} undecided {entry['width_undecided']:.3f} flips {entry['width_flips']}  tokens kept "
+            f"{entry['width_on']:.3f} |logit| {entry['width_logit_median']:.1f} undecided {entry['width_undecided']:.3f} "
+            f"flips {entry['width_flips']}  tokens kept "
             f"{entry['token_kept']:.3f} undecided {entry['token_undecided']:.3f}  {seconds:.0f} s")
 
 
@@ -405,6 +407,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distill", type=float, default=0.0, help="weight of the dense teacher's noise prediction")
     parser.add_argument("--noise-weight", type=float, default=1.0, help="weight of the ε (noise) loss")
     parser.add_argument("--full-weight", type=float, default=1.0, help="weight of the full-width model's loss")
+    parser.add_argument("--width-router-lr", type=float, default=Recipe.width_router_lr)
+    parser.add_argument("--token-router-lr", type=float, default=Recipe.token_router_lr)
     parser.add_argument("--freeze-routers-at", type=int, default=0, help="iteration from which the routers are fixed")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: last iterate)")
     parser.add_argument("--token-skip", choices=["on", "off"], default="on", help="train token routers (DyDiT SDT)")
@@ -428,6 +432,7 @@ def main(argv=None) -> int:
         if args.target is None or not 0 < args.target <= 1:
             parser.error("--target λ in (0, 1] is required for a new run (e.g. --target 0.5)")
         recipe = Recipe(args.base, args.target, args.iters or 800, args.batch, args.lr, args.seed, args.warmup,
+                        width_router_lr=args.width_router_lr, token_router_lr=args.token_router_lr,
                         noise_weight=args.noise_weight, distill_weight=args.distill, full_weight=args.full_weight,
                         freeze_routers_at=args.freeze_routers_at, ema=args.ema, token_skip=args.token_skip == "on")
     out = Path(args.out)
