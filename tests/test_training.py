@@ -173,9 +173,9 @@ def test_dydit_finetune_resumed_in_chunks_equals_an_uninterrupted_run(tmp_path):
     quiet = lambda m: None  # noqa: E731
     torch.set_num_threads(1)  # float reductions depend on the thread count
     whole, chunked = tmp_path / "whole.safetensors", tmp_path / "chunked.safetensors"
-    r = run(_dydit_recipe(), whole, progress=quiet)
+    r = run(_dydit_recipe(), whole, checkpoints=(3,), progress=quiet)
     assert r["done"] and r["iteration"] == 5
-    r = run(_dydit_recipe(), chunked, chunk_iters=2, progress=quiet)
+    r = run(_dydit_recipe(), chunked, chunk_iters=2, checkpoints=(3,), progress=quiet)  # snapshots survive a resume
     assert not r["done"] and r["iteration"] == 2 and not chunked.exists()
     assert run(None, chunked, resume=True, chunk_iters=2, progress=quiet)["iteration"] == 4
     assert run(None, chunked, resume=True, progress=quiet)["done"]
@@ -184,9 +184,11 @@ def test_dydit_finetune_resumed_in_chunks_equals_an_uninterrupted_run(tmp_path):
     for key in ("model", "routers", "ema", "optimizer"):
         _assert_identical(a[key], b[key])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["numpy"] == b["rng"]["numpy"]
-    saved_a, saved_b = load_file(str(whole)), load_file(str(chunked))
-    assert saved_a.keys() == saved_b.keys()
-    assert all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    for name in ("{}.safetensors", "{}-3.safetensors"):
+        saved_a, saved_b = (load_file(str(tmp_path / name.format(run_name))) for run_name in ("whole", "chunked"))
+        assert saved_a.keys() == saved_b.keys()
+        assert all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    saved_a = load_file(str(whole))
     # the EMA, not the last iterate, is what was saved
     assert not torch.equal(saved_a["blocks.0.mlp.fc1.weight"], a["model"]["blocks.0.fc1.weight"])
 

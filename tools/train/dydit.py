@@ -166,6 +166,7 @@ class FineTune:
             {"params": self.token_params, "lr": r.token_router_lr if r.token_skip else 0.0},
         ], weight_decay=0.0)
         self.iteration, self.seconds, self.history = 0, 0.0, []
+        self.checkpoints: tuple[int, ...] = ()  # iterations whose model is saved too (kept across resumes)
         self._window: list = []
         self._last_masks = self.width_masks()
         self.selections: list = []
@@ -177,6 +178,7 @@ class FineTune:
         return {
             "recipe": asdict(self.recipe), "iteration": self.iteration, "seconds": self.seconds,
             "history": self.history, "window": self._window, "last_masks": self._last_masks,
+            "checkpoints": list(self.checkpoints),
             "model": self.model.state_dict(), "routers": self.routers.state_dict(),
             "ema": None if self.ema is None else (self.ema[0].state_dict(), self.ema[1].state_dict()),
             "optimizer": self.opt.state_dict(), "rng": capture_rng(self.rng),
@@ -201,6 +203,7 @@ class FineTune:
         if run.routers_frozen:
             run._stop_router_training()
         run._window, run._last_masks = state["window"], state["last_masks"]
+        run.checkpoints = tuple(state.get("checkpoints", ()))
         return run
 
     # -- training ----------------------------------------------------------------------------------------------
@@ -367,6 +370,7 @@ def run(recipe: Recipe | None, out: Path, state_path: Path | None = None, resume
     state_path = state_path or default_state_path(out)
     budget = Budget(max_minutes)
     run = FineTune.resume(load_state(state_path, STATE_KIND), iters) if resume else FineTune(recipe)
+    run.checkpoints = tuple(sorted({*run.checkpoints, *checkpoints}))
     total = run.recipe.iters
     start_seconds, stop = run.seconds, total if chunk_iters is None else min(total, run.iteration + chunk_iters)
     while run.iteration < stop:
@@ -374,7 +378,7 @@ def run(recipe: Recipe | None, out: Path, state_path: Path | None = None, resume
         run.seconds = start_seconds + budget.elapsed()
         if run.iteration % LOG_EVERY == 0 or run.iteration == total:
             progress(format_log(run.history[-1], total, run.seconds))
-        if run.iteration in checkpoints:
+        if run.iteration in run.checkpoints:
             run.save(out.with_name(f"{out.stem}-{run.iteration}{out.suffix}"))
         if budget.expired():
             break
@@ -412,7 +416,8 @@ def main(argv=None) -> int:
     parser.add_argument("--freeze-routers-at", type=int, default=0, help="iteration from which the routers are fixed")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: last iterate)")
     parser.add_argument("--token-skip", choices=["on", "off"], default="on", help="train token routers (DyDiT SDT)")
-    parser.add_argument("--checkpoints", default="", help="also save the model at these iterations (comma list)")
+    parser.add_argument("--checkpoints", default="",
+                        help="also save the model at these iterations (comma list; kept across --resume)")
     parser.add_argument("--state", help="training state file (default: OUT.state.pt)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in the state file")
     parser.add_argument("--max-minutes", type=float, help="stop after this long, state saved; continue with --resume")
