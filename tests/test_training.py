@@ -207,10 +207,13 @@ def test_dydit_finetune_saves_the_masks_it_trained_with_and_its_recipe(tmp_path)
     run(_dydit_recipe(), out, progress=lambda m: None)
     state = load_state(out.with_name(out.name + ".state.pt"), STATE_KIND)
     loaded = load_dit(out)
-    trained = WidthRouters(128, 6, 4)
+    # the last iterate's routers on the last iterate's timestep embedding: what the weights trained with
+    trained, last = WidthRouters(128, 6, 4), load_dit("digits-dit").model
     trained.load_state_dict(state["routers"])
+    last.load_state_dict({k: v for k, v in state["model"].items() if ".token_router." not in k})
     t = np.arange(1000)
-    np.testing.assert_array_equal(loaded.routers.masks(loaded.model, t), trained.masks(loaded.model, t))
+    np.testing.assert_array_equal(loaded.routers.masks(loaded.model, t), trained.masks(last, t))
+    assert not torch.equal(loaded.model.blocks[0].fc1.weight, last.blocks[0].fc1.weight)  # the EMA was saved
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["train_distill_weight"] == "1.0" and meta["train_freeze_routers_at"] == "3"

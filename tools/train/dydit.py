@@ -16,8 +16,9 @@ Additions for a short CPU fine-tune (each a flag, the defaults reproduce the fir
   loss for fine-tuning a pruned / dynamic-width network from its dense parent, far less noisy than the ε target.
 * ``--noise-weight`` / ``--full-weight``: weights of the ε loss and of the full-width term (DyDiT's stage 2 drops
   the latter; it costs a second forward and backward per iteration).
-* ``--freeze-routers-at N``: from iteration N on the routers stop learning and the masks are the inference masks
-  (logit > 0, no Gumbel noise): the weights then train on exactly what will run.
+* ``--freeze-routers-at N``: from iteration N on the routers (and the timestep embedder the width routers read) stop
+  learning and the masks are the inference masks (logit > 0, no Gumbel noise): the weights then train on exactly
+  what will run, and the width masks no longer change.
 * ``--ema D``: an EMA of the weights (routers included) is what is saved, like the DiT trainer; without it the last
   iterate is saved. It restarts at the router freeze (it then averages weights trained with the final masks only).
 * ``--token-skip off``: no token skipping — the token routers are saved never to skip (bias +35, weights 0), the
@@ -299,10 +300,11 @@ class FineTune:
         return 1.0 - (1.0 - r.target) * min(1.0, it / r.warmup)
 
     def _stop_router_training(self) -> None:
+        """The routers and the timestep embedder they read stop learning: the width masks are fixed from here on."""
         for group in self.opt.param_groups[1:]:
             group["lr"] = 0.0
         self.routers.requires_grad_(False)
-        for p in self.token_params:
+        for p in [*self.token_params, *self.model.t_fc1.parameters(), *self.model.t_fc2.parameters()]:
             p.requires_grad_(False)
 
     def _restart_ema(self) -> None:
