@@ -1,30 +1,32 @@
 """Fine-tune a shipped DiT into a DyDiT at FLOPs target λ, saved in the official DyDiT checkpoint layout.
 
     python -m keystep.tools.train.dydit --base digits-dit --target 0.5 --out models/digits-dydit-0.5.safetensors \\
-        [--iters 800] [--distill 1] [--max-minutes 14] [--resume]
+        [--iters 3000] [--max-minutes 14] [--resume] [--threads 1]
 
-The DyDiT recipe (ICLR 2025, official code): routers on every block — width routers Linear(hidden -> heads-1) on the
-timestep embedding (head / group 0 always on), a token router MLP on the post-attention stream — initialised to let
+DyDiT's routers (ICLR 2025, official code): on every block, width routers Linear(hidden -> heads-1) on the timestep
+embedding (head / group 0 always on) and a token router MLP on the post-attention stream, initialised to let
 everything through (bias 15, token router 35); hard Gumbel-sigmoid (τ = 5) with a straight-through gradient while
-training; loss = diffusion loss of the dynamic model + diffusion loss of the full-width model (same weights) +
-2 (FLOPs ratio − target)², the target warmed up linearly from 1.0 to λ; FLOPs by DyDiT's accounting (attention ∝
-active heads, MLP ∝ active groups × active tokens, per sample, averaged over the batch).
+training; FLOPs loss 2 (FLOPs ratio − target)², the target warmed up linearly from 1.0 to λ; FLOPs by DyDiT's
+accounting (attention ∝ active heads, MLP ∝ active groups × active tokens, per sample, averaged over the batch).
 
-Additions for a short CPU fine-tune (each a flag, the defaults reproduce the first shipped recipe):
+The defaults are the recipe of the shipped digits-dydit models (docs/models.md has the measurements behind it):
 
-* ``--distill W``: also regress the dense model's noise prediction (the teacher is ``--base``, frozen) — the usual
-  loss for fine-tuning a pruned / dynamic-width network from its dense parent, far less noisy than the ε target.
-* ``--noise-weight`` / ``--full-weight``: weights of the ε loss and of the full-width term (DyDiT's stage 2 drops
-  the latter; it costs a second forward and backward per iteration).
-* ``--freeze-routers-at N``: from iteration N on the routers (and the timestep embedder the width routers read) stop
-  learning and the masks are the inference masks (logit > 0, no Gumbel noise): the weights then train on exactly
-  what will run, and the width masks no longer change.
-* ``--ema D``: an EMA of the weights (routers included) is what is saved, like the DiT trainer; without it the last
-  iterate is saved. It restarts at the router freeze (it then averages weights trained with the final masks only).
-* ``--token-skip off``: no token skipping — the token routers are saved never to skip (bias +35, weights 0), the
-  FLOPs target is met by width alone.
+* ``--token-skip off``: width only — the token routers are saved never to skip (last layer 0, bias +35; the loader
+  leaves such routers out), the FLOPs target is met by the width routers alone. ``on`` trains DyDiT's token skipping.
+* ``--width-router-lr`` / ``--token-router-lr`` 1e-3 (see ``Recipe``).
+* ``--distill 1``: besides the ε loss (``--noise-weight``), regress the dense model's noise prediction (the teacher is
+  ``--base``, frozen) — the usual loss for fine-tuning a pruned / dynamic-width network from its dense parent, far
+  less noisy than the ε target. ``--full-weight 0``: no full-width term (DyDiT's stage 2; the official stage 1 has
+  weight 1, at the cost of a second forward and backward per iteration).
+* ``--warmup`` (default iters/6) iterations of target warm-up; ``--freeze-routers-at N`` (default iters/3): from
+  iteration N on the routers and the timestep embedder the width routers read stop learning and the masks are the
+  inference masks (logit > 0, no Gumbel noise): the weights then train on exactly what will run.
+* ``--ema 0.999``: an EMA of the weights (routers included) is what is saved; it restarts at the router freeze (it
+  then averages weights trained with the final masks only). ``--ema 0`` saves the last iterate.
 
-Runs stop after ``--max-minutes`` (state saved next to ``--out``) and continue with ``--resume``; see resumable.py.
+The first shipped recipe is ``--iters 800 --warmup 400 --freeze-routers-at 0 --distill 0 --full-weight 1 --ema 0
+--token-skip on --width-router-lr 0.05 --token-router-lr 0.1``. Runs stop after ``--max-minutes`` (state saved next
+to ``--out``) and continue with ``--resume`` (``--iters N --resume`` extends a run); see resumable.py.
 """
 
 from __future__ import annotations
@@ -60,20 +62,24 @@ class Recipe:
     batch: int = 128
     lr: float = 2e-4
     seed: int = 0
-    warmup: int = 0  # iterations over which the FLOPs target goes from 1 to λ; 0 = iters // 2
-    # Routers start saturated (bias 15 / 35) and Adam moves a parameter ~lr per step: at the official lr they would
-    # need tens of thousands of steps to reach the target, a CPU budget is ~1000s, so they get larger rates.
-    width_router_lr: float = 0.05
-    token_router_lr: float = 0.1
+    warmup: int = 0  # iterations over which the FLOPs target goes from 1 to λ; 0 = iters // 6
+    # Adam moves each router weight by ~lr per step and a router reads a 128-d input (the timestep embedding's L1 norm
+    # is 130-415 on digits-dit): a logit moves by up to ~lr x 415 per step. 1e-3 lets the routers leave their all-on
+    # initialisation (bias 15 / 35) within a few hundred steps without saturating; the first recipe's 0.05 / 0.1
+    # saturated them in the first steps (docs/models.md). Official: 1e-4 over 30k-200k iterations.
+    width_router_lr: float = 1e-3
+    token_router_lr: float = 1e-3
     noise_weight: float = 1.0
-    distill_weight: float = 0.0
-    full_weight: float = 1.0
-    freeze_routers_at: int = 0  # 0 = never
-    ema: float = 0.0  # 0 = save the last iterate
-    token_skip: bool = True
+    distill_weight: float = 1.0
+    full_weight: float = 0.0
+    freeze_routers_at: int | None = None  # None = iters // 3; 0 = never
+    ema: float = 0.999  # 0 = save the last iterate
+    token_skip: bool = False
 
     def __post_init__(self):
-        self.warmup = self.warmup or max(1, self.iters // 2)
+        self.warmup = self.warmup or max(1, self.iters // 6)
+        if self.freeze_routers_at is None:
+            self.freeze_routers_at = max(1, self.iters // 3)
 
     def metadata(self) -> dict:
         return {f"train_{k}": v for k, v in asdict(self).items()}
@@ -405,19 +411,23 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default="digits-dit", help="the DiT to fine-tune (a shipped name or checkpoint)")
     parser.add_argument("--target", type=float, help="FLOPs target λ, e.g. 0.5 (required unless --resume)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--iters", type=int, help="total iterations (default 800; with --resume: extend the run)")
+    parser.add_argument("--iters", type=int, help="total iterations (default 3000; with --resume: extend the run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=0, help="FLOPs-target warm-up iterations (default iters/2)")
-    parser.add_argument("--distill", type=float, default=0.0, help="weight of the dense teacher's noise prediction")
-    parser.add_argument("--noise-weight", type=float, default=1.0, help="weight of the ε (noise) loss")
-    parser.add_argument("--full-weight", type=float, default=1.0, help="weight of the full-width model's loss")
+    parser.add_argument("--warmup", type=int, default=0, help="FLOPs-target warm-up iterations (default iters/6)")
+    parser.add_argument("--distill", type=float, default=Recipe.distill_weight,
+                        help="weight of the dense teacher's noise prediction (0: no teacher)")
+    parser.add_argument("--noise-weight", type=float, default=Recipe.noise_weight, help="weight of the ε (noise) loss")
+    parser.add_argument("--full-weight", type=float, default=Recipe.full_weight,
+                        help="weight of the full-width model's loss (the official stage 1: 1)")
     parser.add_argument("--width-router-lr", type=float, default=Recipe.width_router_lr)
     parser.add_argument("--token-router-lr", type=float, default=Recipe.token_router_lr)
-    parser.add_argument("--freeze-routers-at", type=int, default=0, help="iteration from which the routers are fixed")
-    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: last iterate)")
-    parser.add_argument("--token-skip", choices=["on", "off"], default="on", help="train token routers (DyDiT SDT)")
+    parser.add_argument("--freeze-routers-at", type=int,
+                        help="iteration from which the routers are fixed (default iters/3; 0: never)")
+    parser.add_argument("--ema", type=float, default=Recipe.ema, help="EMA decay of the saved weights (0: last iterate)")
+    parser.add_argument("--token-skip", choices=["on", "off"], default="off",
+                        help="train token routers (DyDiT's spatial token skipping; default off: width only)")
     parser.add_argument("--checkpoints", default="",
                         help="also save the model at these iterations (comma list; kept across --resume)")
     parser.add_argument("--state", help="training state file (default: OUT.state.pt)")
@@ -438,7 +448,7 @@ def main(argv=None) -> int:
     if not args.resume:
         if args.target is None or not 0 < args.target <= 1:
             parser.error("--target λ in (0, 1] is required for a new run (e.g. --target 0.5)")
-        recipe = Recipe(args.base, args.target, args.iters or 800, args.batch, args.lr, args.seed, args.warmup,
+        recipe = Recipe(args.base, args.target, args.iters or 3000, args.batch, args.lr, args.seed, args.warmup,
                         width_router_lr=args.width_router_lr, token_router_lr=args.token_router_lr,
                         noise_weight=args.noise_weight, distill_weight=args.distill, full_weight=args.full_weight,
                         freeze_routers_at=args.freeze_routers_at, ema=args.ema, token_skip=args.token_skip == "on")
