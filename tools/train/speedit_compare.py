@@ -60,8 +60,9 @@ def run(iters: int, every: int, samples: int, work: Path, seeds: tuple[int, ...]
     metrics = DigitMetrics()
     labels = np.arange(samples) % 10
     checkpoints = tuple(range(every, iters, every))
-    for sampler in SAMPLERS:
-        for seed in seeds:
+    # seed-major: a run stopped part-way leaves every sampler measured on the same seeds, a comparable subset
+    for seed in seeds:
+        for sampler in SAMPLERS:
             key = f"{sampler}/{seed}"
             if key in done:
                 continue
