@@ -19,16 +19,26 @@ from .stage_precision import PrecisionPlan
 from .tokenizer_asset import tokenizer_asset
 from .width_build import WidthPlan
 
-# facebookresearch DiT trains with a linear beta schedule over 1000 steps; other fields keep diffusers' defaults.
+# Bundles of original DiT / DyDiT checkpoints (no scheduler config) sample as DiT's own code does: its linear betas
+# over 1000 steps, DDIM over respaced timesteps (respace.py, ddim_sample) and no x0 clipping (sample.py passes
+# clip_denoised=False). clip_sample and set_alpha_to_one also hold for --scheduler ddim/ddpm built from this config.
 DIT_TRAINING_SCHEDULE = {
-    "_class_name": "DDIMScheduler",
+    "_class_name": "RespacedDDIMScheduler",
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "beta_schedule": "linear",
+    "timestep_respacing": "uniform",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "prediction_type": "epsilon",
 }
+# random weights (random:PRESET) predict x0 far outside [-1, 1]; unclipped, their samples grow to |x| ~ 1e3 and the
+# fidelity numbers benchmarks report on them mean nothing: DiT's sampler with clip_denoised=True (its
+# ddim_sample_loop's own default) keeps them in range
+RANDOM_WEIGHTS_SCHEDULE = {**DIT_TRAINING_SCHEDULE, "clip_sample": True}
 DIT_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.3}
-CACHE_KINDS = {"dit": "blocks", "unet": "deep"}
+CACHE_KINDS = {"dit": "blocks", "unet": "deep", "unet3d": "deep"}
 
 
 def parse_cache_variants(spec: str | None, family: str) -> list:
@@ -106,7 +116,8 @@ def build_dit_bundle(
     key_steps = key_steps or tuned.get("key_steps", "default")
     split = cfg.default_split if split is None else split
     parse_key_steps(key_steps, steps, "dit")  # fail early on a plan that does not fit
-    sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
+    own = loaded.scheduler_config or (RANDOM_WEIGHTS_SCHEDULE if loaded.source_kind == "random" else None)
+    sched = resolve_scheduler_config(own, scheduler_config, scheduler)
     width = width or ("dydit" if loaded.routers is not None else "none")
     if width != "none" and cached:
         raise ModelLoadError("--cache cannot be combined with width profiles yet (width bundles have no full stage)")
@@ -117,7 +128,8 @@ def build_dit_bundle(
         stages = dit_width_stages(loaded.model, split, plan.engines, plan.token_mode, loaded.vae)
     fields = {
         "family": "dit",
-        "model_config": cfg.to_dict(),
+        # without a VAE, a 1- or 3-channel DiT samples images in [-1, 1] (as the digits models); otherwise latents
+        "model_config": {**cfg.to_dict(), "pixel_space": loaded.vae is None and cfg.in_channels in (1, 3)},
         "split": split,
         "source": {"kind": loaded.source_kind,
                    "path": model if loaded.source_kind == "random" or entry else str(Path(model).resolve())},
@@ -185,8 +197,22 @@ def is_unet_pipeline(model: str) -> bool:
     return index.is_file() and "unet" in json.loads(index.read_text())
 
 
+def is_video_model(model: str) -> bool:
+    from .unet3d_export import is_video_pipeline
+
+    path = Path(resolve_model_path(model))
+    return is_video_pipeline(json.loads((path / "model_index.json").read_text()), path)
+
+
 def build_bundle(model: str, out: str, controlnet: str | None = None, **options) -> Path:
     """Dispatch on the model kind: a diffusers SD-style directory (has a unet) or a DiT."""
+    frames = options.pop("frames", None)
+    if is_unet_pipeline(model) and is_video_model(model):
+        from .unet3d_export import build_video_bundle
+
+        return build_video_bundle(model, out, controlnet=controlnet, frames=frames, **options)
+    if frames is not None:
+        raise ModelLoadError("--frames applies to text-to-video (UNet3D) models only")
     if is_unet_pipeline(model):
         given = [k for k in ("width", "max_profiles", "token_skip") if options.get(k) is not None]
         if given:

@@ -15,7 +15,9 @@ import onnx
 import torch
 
 from keystep.graphs.flops import flops_per_sample
+from keystep.runtime.atomic import publish_directory
 from keystep.runtime.bundle import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
+from keystep.runtime.manifest import check_manifest
 
 from .dit_export import StageDef, parse_dim
 from .stage_precision import PrecisionPlan, convert_stage
@@ -172,14 +174,9 @@ def write_bundle(
         manifest = {"schema_version": SCHEMA_VERSION, **manifest_fields, "stages": entries}
         if copied:
             manifest["assets"] = copied
+        check_manifest(manifest)  # the runtime's schema: a build never writes a bundle the runtime refuses
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -98,11 +98,26 @@ def load_diffusers_transformer(path: Path) -> DiT:
     return dit_from_diffusers(src)
 
 
+# diffusers' CombinedTimestepLabelEmbeddings parameter -> ours (ConditionEmbedder / the DiT's own)
+EMBEDDER_NAMES = {
+    "timestep_embedder.linear_1.weight": "t_fc1.weight", "timestep_embedder.linear_1.bias": "t_fc1.bias",
+    "timestep_embedder.linear_2.weight": "t_fc2.weight", "timestep_embedder.linear_2.bias": "t_fc2.bias",
+    "class_embedder.embedding_table.weight": "y_table.weight",
+}
+
+
 def dit_from_diffusers(src) -> DiT:
     c = src.config
     heads, head_dim = c.num_attention_heads, c.attention_head_dim
     hidden = heads * head_dim
     first = src.transformer_blocks[0]
+    sd = src.state_dict()
+    emb0 = "transformer_blocks.0.norm1.emb."
+    # diffusers keeps a timestep/class embedder in every block. Checkpoints converted from the original DiT carry
+    # copies of one (exported once, shared); a DiT initialised or trained in diffusers has its own per block, and
+    # each block with a different one gets it (block 0's also conditions the final layer, as in diffusers).
+    own = tuple(i for i in range(1, c.num_layers) if any(
+        not torch.equal(sd[f"transformer_blocks.{i}.norm1.emb.{name}"], sd[emb0 + name]) for name in EMBEDDER_NAMES))
     cfg = DiTConfig(
         input_size=c.sample_size,
         patch_size=c.patch_size,
@@ -115,29 +130,23 @@ def dit_from_diffusers(src) -> DiT:
         learn_sigma=(c.out_channels or c.in_channels) == 2 * c.in_channels,
         time_freq_shift=int(first.norm1.emb.time_proj.downscale_freq_shift),
         mlp_norm_eps=float(c.norm_eps),
+        own_embedder_blocks=own,
     )
-    sd = src.state_dict()
-    emb0 = "transformer_blocks.0.norm1.emb."
     out = {
         "x_proj.weight": sd["pos_embed.proj.weight"],
         "x_proj.bias": sd["pos_embed.proj.bias"],
         "pos_embed": src.pos_embed.pos_embed.detach().float(),
-        "t_fc1.weight": sd[emb0 + "timestep_embedder.linear_1.weight"],
-        "t_fc1.bias": sd[emb0 + "timestep_embedder.linear_1.bias"],
-        "t_fc2.weight": sd[emb0 + "timestep_embedder.linear_2.weight"],
-        "t_fc2.bias": sd[emb0 + "timestep_embedder.linear_2.bias"],
-        "y_table.weight": sd[emb0 + "class_embedder.embedding_table.weight"],
+        **{ours: sd[emb0 + theirs] for theirs, ours in EMBEDDER_NAMES.items()},
         "final_ada.weight": sd["proj_out_1.weight"],
         "final_ada.bias": sd["proj_out_1.bias"],
         "final_linear.weight": sd["proj_out_2.weight"],
         "final_linear.bias": sd["proj_out_2.bias"],
     }
+    for i in own:
+        for theirs, ours in EMBEDDER_NAMES.items():
+            out[f"block_embedders.{i}.{ours}"] = sd[f"transformer_blocks.{i}.norm1.emb.{theirs}"]
     for i in range(cfg.depth):
         b = f"transformer_blocks.{i}."
-        # diffusers keeps a copy of the timestep/class embedder in every block; the DiT architecture has one.
-        for name in ("timestep_embedder.linear_1.weight", "class_embedder.embedding_table.weight"):
-            if not torch.equal(sd[b + "norm1.emb." + name], sd[emb0 + name]):
-                raise ModelLoadError(f"block {i} has its own {name} that differs from block 0: not a DiT")
         for w in ("weight", "bias"):
             out[f"blocks.{i}.qkv.{w}"] = torch.cat([sd[b + f"attn1.to_{p}.{w}"] for p in "qkv"], dim=0)
             out[f"blocks.{i}.proj.{w}"] = sd[b + f"attn1.to_out.0.{w}"]

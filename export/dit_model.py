@@ -37,6 +37,9 @@ class DiTConfig:
     time_freq_shift: int = 0
     mlp_norm_eps: float = 1e-6
     frequency_embedding_size: int = 256
+    # blocks (other than 0) with their own timestep/class embedder: diffusers keeps one per block, and a DiT trained
+    # or fine-tuned in diffusers has different ones; converted original checkpoints carry copies of one (empty here)
+    own_embedder_blocks: tuple[int, ...] = ()
 
     @property
     def out_channels(self) -> int:
@@ -56,6 +59,9 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiTConfig":
+        data = dict(data)
+        data["own_embedder_blocks"] = tuple(data.get("own_embedder_blocks", ()))
+        data.pop("pixel_space", None)  # a bundle fact, not an architecture one
         return cls(**data)
 
 
@@ -161,6 +167,38 @@ def narrow_block(block: DiTBlock, heads: list[int], groups: list[int]) -> DiTBlo
     return out.eval()
 
 
+class ConditionEmbedder(nn.Module):
+    """A timestep MLP + class table: c = MLP(sinusoid(t)) + table[y] (DiT's t_embedder + y_embedder)."""
+
+    def __init__(self, config: "DiTConfig"):
+        super().__init__()
+        c = config
+        self.t_fc1 = nn.Linear(c.frequency_embedding_size, c.hidden_size)
+        self.t_fc2 = nn.Linear(c.hidden_size, c.hidden_size)
+        self.y_table = nn.Embedding(c.num_classes + 1, c.hidden_size)
+
+    def forward(self, freq: torch.Tensor, class_label: torch.Tensor) -> torch.Tensor:
+        return self.t_fc2(F.silu(self.t_fc1(freq))) + self.y_table(class_label)
+
+
+class BlockConditions:
+    """The conditioning of a DiT whose blocks have their own embedders: block i's vector from its embedder (the
+    model's own for block 0, the final layer and every block without one). Each is computed on first use, so a
+    stage traces only the embedders of its own blocks."""
+
+    def __init__(self, model: "DiT", freq: torch.Tensor, class_label: torch.Tensor, shared: torch.Tensor):
+        self.model, self.freq, self.class_label, self.shared = model, freq, class_label, shared
+        self._own: dict[int, torch.Tensor] = {}
+
+    def block(self, i: int) -> torch.Tensor:
+        key = str(i)
+        if key not in self.model.block_embedders:
+            return self.shared
+        if i not in self._own:
+            self._own[i] = self.model.block_embedders[key](self.freq, self.class_label)
+        return self._own[i]
+
+
 class DiT(nn.Module):
     """Class-conditional DiT with original-DiT parameter names (minus the module nesting)."""
 
@@ -179,35 +217,44 @@ class DiT(nn.Module):
         )
         self.final_ada = nn.Linear(c.hidden_size, 2 * c.hidden_size)
         self.final_linear = nn.Linear(c.hidden_size, c.patch_size**2 * c.out_channels)
+        self.block_embedders = nn.ModuleDict({str(i): ConditionEmbedder(c) for i in c.own_embedder_blocks})
 
     def embed(self, latent: torch.Tensor) -> torch.Tensor:
         return self.x_proj(latent).flatten(2).transpose(1, 2) + self.pos_embed
 
-    def timestep_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
+    def timestep_frequencies(self, timestep: torch.Tensor) -> torch.Tensor:
         args = timestep.float()[:, None] * self.t_freqs[None]
-        freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.t_fc2(F.silu(self.t_fc1(freq)))
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-    def condition(self, timestep: torch.Tensor, class_label: torch.Tensor) -> torch.Tensor:
-        return self.timestep_embedding(timestep) + self.y_table(class_label)
+    def timestep_embedding(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.t_fc2(F.silu(self.t_fc1(self.timestep_frequencies(timestep))))
+
+    def condition(self, timestep: torch.Tensor, class_label: torch.Tensor) -> "torch.Tensor | BlockConditions":
+        """The conditioning vector (rows, hidden) every block and the final layer share; with per-block embedders
+        a :class:`BlockConditions` that gives each block its own."""
+        shared = self.timestep_embedding(timestep) + self.y_table(class_label)
+        if not len(self.block_embedders):
+            return shared
+        return BlockConditions(self, self.timestep_frequencies(timestep), class_label, shared)
 
     def run_blocks(self, x, c, start: int, stop: int, head_mask=None, group_mask=None):
         """blocks[start:stop] -> (x, per-block MLP token counts (int64 vector) or None without token selection).
         The masks, when given, hold each block's units side by side: (rows, sum of the blocks' heads / groups)."""
         counts, heads_at, groups_at = [], 0, 0
-        for block in self.blocks[start:stop]:
+        for i, block in enumerate(self.blocks[start:stop], start):
             hm = gm = None
             if head_mask is not None:
                 hm = head_mask[:, heads_at : heads_at + block.heads]
                 gm = group_mask[:, groups_at : groups_at + block.groups]
                 heads_at, groups_at = heads_at + block.heads, groups_at + block.groups
-            x, count = block(x, c, hm, gm)
+            x, count = block(x, c.block(i) if isinstance(c, BlockConditions) else c, hm, gm)
             if count is not None:
                 counts.append(count)
         return x, (torch.stack(counts) if counts else None)
 
-    def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor, c: "torch.Tensor | BlockConditions") -> torch.Tensor:
         cfg = self.config
+        c = c.shared if isinstance(c, BlockConditions) else c  # diffusers: the final layer uses block 0's embedder
         shift, scale = self.final_ada(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
         x = self.final_linear(F.layer_norm(x, (cfg.hidden_size,), eps=1e-6) * (1 + scale) + shift)
         g, p = cfg.input_size // cfg.patch_size, cfg.patch_size

@@ -21,9 +21,10 @@ from keystep.runtime.engine_plan import (
     ENGINE_DIR, EngineEntry, EngineIndex, EnginePlanError, EngineTargets, engine_cache_key, free_axes,
     profiles_from_calls, write_atomic,
 )
+from keystep.runtime.errors import KeystepError
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(KeystepError, RuntimeError):
     """TensorRT or a GPU is missing, a graph cannot be built, or the sizes needed for the profiles are unknown."""
 
 
@@ -65,9 +66,11 @@ def bundle_axes(bundle: Bundle, sizes: dict[str, int] | None = None) -> dict[str
     axes = dict(sizes or {})
     config = bundle.model_config
     sample = config.get("sample_size")
-    if bundle.family == "unet" and sample:
+    if bundle.family in ("unet", "unet3d") and sample:
         axes.setdefault("height", sample[0])
         axes.setdefault("width", sample[1])
+    if isinstance(config.get("num_frames"), int):  # text-to-video: the frames axis at the bundle's default count
+        axes.setdefault("frames", config["num_frames"])
     wanted = free_axes(bundle)
     axes.update({k: config[k] for k in wanted - set(axes) if isinstance(config.get(k), int)})  # e.g. text_len
     pending = dict(bundle.stages)

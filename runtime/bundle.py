@@ -9,14 +9,16 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
+from .errors import KeystepError
+from .manifest import SCHEMA_VERSION, Manifest, check_version, first_error  # noqa: F401 (SCHEMA_VERSION: writers)
 from .width import WidthEngine, WidthTable
 
-SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(KeystepError, ValueError):
     """The bundle is missing, unreadable, corrupt or does not match its manifest."""
 
 
@@ -88,10 +90,11 @@ class StageSpec:
 
 
 class Bundle:
-    def __init__(self, root: Path, manifest: dict, stages: dict[str, StageSpec]):
+    def __init__(self, root: Path, manifest: dict, stages: dict[str, StageSpec], spec: Manifest | None = None):
         self.root = root
-        self.manifest = manifest
+        self.manifest = manifest  # the validated JSON, as written
         self.stages = stages
+        self.spec = spec  # the same, typed (runtime/manifest.py)
 
     @property
     def family(self) -> str:
@@ -104,6 +107,15 @@ class Bundle:
     @property
     def scheduler_config(self) -> dict:
         return self.manifest["scheduler"]
+
+    @property
+    def pixel_space(self) -> bool:
+        """The samples are images in [-1, 1] (no VAE): pixel-space UNets and DiTs such as the digits models.
+        Bundles from before the field: a DiT without a VAE stage and with 1 or 3 channels."""
+        flag = self.model_config.get("pixel_space")
+        if flag is None and self.family == "dit":
+            return "vae_decoder" not in self.stages and self.model_config["in_channels"] in (1, 3)
+        return bool(flag)
 
     @property
     def default_plan(self) -> dict:
@@ -126,6 +138,8 @@ class Bundle:
 
     @classmethod
     def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        """Read and validate ``manifest.json`` (runtime/manifest.py's schema), then verify every file's sha256.
+        Every problem is a BundleError naming the file and the field."""
         root = Path(root)
         manifest_path = root / MANIFEST_NAME
         if not root.is_dir():
@@ -134,21 +148,23 @@ class Bundle:
             manifest = json.loads(manifest_path.read_text())
         except FileNotFoundError:
             raise BundleError(f"{root} is not a bundle: {MANIFEST_NAME} is missing") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise BundleError(f"unreadable manifest {manifest_path}: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise BundleError(f"unreadable manifest {manifest_path}: not a JSON object")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(f"{manifest_path}: schema_version {version!r}, this keystep reads {SCHEMA_VERSION}")
-        missing = [k for k in ("family", "model_config", "stages", "scheduler", "default_plan") if k not in manifest]
-        if missing:
-            raise BundleError(f"{manifest_path}: missing fields {', '.join(missing)}")
-        stages = {name: _stage_spec(root, name, entry, verify) for name, entry in manifest["stages"].items()}
+        problem = check_version(manifest)
+        if problem:
+            raise BundleError(f"{manifest_path}: {problem}")
+        try:
+            spec = Manifest.model_validate(manifest)
+        except ValidationError as exc:
+            raise BundleError(f"{manifest_path}: {first_error(exc)}") from None
+        stages = {name: _stage_spec(root, name, entry) for name, entry in spec.stages.items()}
+        bundle = cls(root, manifest, stages, spec)
         if verify:
-            for name, files in manifest.get("assets", {}).items():
+            for name, entry in spec.stages.items():
+                _verify_files(root, f"stage {name!r}", entry.files)
+            for name, files in spec.assets.items():
                 _verify_files(root, f"asset {name!r}", files)
-        return cls(root, manifest, stages)
+        return bundle
 
     def stage(self, name: str) -> StageSpec:
         try:
@@ -174,34 +190,29 @@ def load_width_table(bundle: Bundle, section: dict) -> WidthTable:
     return WidthTable(masks, bundle.manifest["split"], engines, flops)
 
 
-def _io(entries: list[dict]) -> tuple[IOSpec, ...]:
-    return tuple(IOSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in entries)
+def _io(entries) -> tuple[IOSpec, ...]:
+    return tuple(IOSpec(e.name, e.dtype, tuple(e.shape)) for e in entries)
 
 
-def _stage_spec(root: Path, name: str, entry: dict, verify: bool) -> StageSpec:
-    try:
-        files = entry["files"]
-        flops = entry.get("flops") or {}
-        spec = StageSpec(
-            name=name,
-            path=root / files[0]["path"],
-            inputs=_io(entry["inputs"]),
-            outputs=_io(entry["outputs"]),
-            flops_per_sample=flops.get("per_sample"),
-            flops_constant=flops.get("constant", 0),
-            token_mlp_flops=tuple(flops.get("token_mlp", ())),
-        )
-    except (KeyError, IndexError, TypeError) as exc:
-        raise BundleError(f"manifest entry for stage {name!r} is malformed: {exc!r}") from None
-    if verify:
-        _verify_files(root, f"stage {name!r}", files)
-    return spec
+def _stage_spec(root: Path, name: str, entry) -> StageSpec:
+    return StageSpec(
+        name=name,
+        path=root / entry.files[0].path,
+        inputs=_io(entry.inputs),
+        outputs=_io(entry.outputs),
+        flops_per_sample=entry.flops.per_sample,
+        flops_constant=entry.flops.constant,
+        token_mlp_flops=tuple(entry.flops.token_mlp),
+    )
 
 
-def _verify_files(root: Path, what: str, files: list[dict]) -> None:
+def _verify_files(root: Path, what: str, files) -> None:
     for f in files:
-        path = root / f["path"]
+        path = root / f.path
         if not path.is_file():
             raise BundleError(f"{what}: file {path} is missing")
-        if sha256_file(path) != f["sha256"]:
+        if f.bytes is not None and path.stat().st_size != f.bytes:
+            raise BundleError(f"{what}: {path} has {path.stat().st_size} bytes, the manifest says {f.bytes} "
+                              f"(truncated or replaced)")
+        if sha256_file(path) != f.sha256:
             raise BundleError(f"{what}: {path} does not match the manifest's sha256 (corrupt or replaced)")

@@ -27,19 +27,20 @@ class DiTSampler(PlanSampler):
         self.num_classes = cfg["num_classes"]
         self.latent_shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
 
-    def initial_noise(self, images: int, seed: int) -> np.ndarray:
-        return np.random.default_rng(seed).standard_normal((images, *self.latent_shape), dtype=np.float32)
+    def initial_noise(self, images: int, seed: int, generator: np.random.Generator | None = None) -> np.ndarray:
+        return self.initial_noise_from((images, *self.latent_shape), seed, generator)
 
     def sample(
-        self, class_labels: list[int], options: SamplingOptions, init_noise: np.ndarray | None = None, seed: int = 0
+        self, class_labels: list[int], options: SamplingOptions, init_noise: np.ndarray | None = None, seed: int = 0,
+        generator: np.random.Generator | None = None,
     ) -> SampleResult:
         labels = self._check_labels(class_labels)
         images = len(labels)
         expected = (images, *self.latent_shape)
-        noise = self.initial_noise(images, seed) if init_noise is None else check_noise(init_noise, expected)
+        noise = self.initial_noise(images, seed, generator) if init_noise is None else check_noise(init_noise, expected)
         if options.guidance > 1:  # CFG rows: [class labels, null class]
             labels = np.concatenate([labels, np.full(images, self.num_classes, np.int64)])
-        return self.run_plan(noise, options, labels, seed=seed)
+        return self.run_plan(noise, options, labels, seed=seed, generator=generator)
 
     def latent_input_feeds(self, x, t, labels):
         return {"latent": x, "timestep": np.full(len(x), t, np.float32), "class_label": labels}

@@ -19,7 +19,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from .atomic import write_atomic  # noqa: F401 (the engine builder writes with it too)
 from .bundle import Bundle, IOSpec, StageSpec, parse_dim
+from .errors import KeystepError
+from .manifest import EngineIndexFile, first_error
 from .plan import StageCall
 from .sampler import SamplingOptions, prepare_run
 
@@ -28,7 +33,7 @@ ENGINE_INDEX = "index.json"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
 
 
-class EnginePlanError(ValueError):
+class EnginePlanError(KeystepError, ValueError):
     """The engines do not cover a call, or the engine index is unreadable or stale."""
 
 
@@ -225,10 +230,14 @@ class EngineIndex:
                                   f"`keystep engines {bundle_root}` on the GPU machine")
         try:
             data = json.loads(path.read_text())
-            return cls(data["tensorrt_version"], data["gpu"], data["axes"], data["targets"],
-                       {k: EngineEntry(**v) for k, v in data["engines"].items()})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise EnginePlanError(f"unreadable engine index {path}: {exc!r}") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise EnginePlanError(f"unreadable engine index {path}: {exc}") from None
+        try:
+            index = EngineIndexFile.model_validate(data)
+        except ValidationError as exc:
+            raise EnginePlanError(f"{path}: {first_error(exc)}") from None
+        engines = {k: EngineEntry(**e.model_dump()) for k, e in index.engines.items()}  # profile keeps its shapes
+        return cls(index.tensorrt_version, index.gpu, dict(index.axes), dict(index.targets), engines)
 
     def save(self, bundle_root: Path) -> Path:
         """Write atomically: a crashed build leaves the previous index (and its engines) valid."""
@@ -259,14 +268,3 @@ def check_batch(entry: EngineEntry, batch: int) -> None:
         raise EnginePlanError(
             f"stage {entry.stage!r} engine takes batches {low}..{high}; this call has {batch} rows. Rebuild the "
             f"engines with the plans/image counts you run (--engine-plans/--engine-images)")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import KeystepError
 
-class PlanError(ValueError):
+
+class PlanError(KeystepError, ValueError):
     """A plan that does not fit the step count or is otherwise malformed."""
 
 
@@ -37,6 +39,7 @@ def unet_default_key_steps(num_steps: int) -> list[int]:
 
 
 DEFAULT_KEY_STEPS = {"dit": dit_default_key_steps, "unet": unet_default_key_steps}
+DEFAULT_KEY_STEPS["unet3d"] = unet_default_key_steps  # FasterDiffusion applies the SD list to video UNets too
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ StableDiffusionPipeline). A decoder call over S steps repeats each half S times,
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -19,14 +20,14 @@ import numpy as np
 
 from .backends.base import Backend, StageRunner
 from .bundle import Bundle
+from .errors import KeystepError
 from .plan import CachePlan, KeyStepPlan, PlanError, StageCall, build_calls, parse_cache, parse_key_steps, plan_flops
 from .schedulers import make_scheduler
-
 
 CACHE_VARIANT = re.compile(r"^(deep\d+|blocks\d+-\d+):")  # the names build gives cache variants
 
 
-class SamplingError(ValueError):
+class SamplingError(KeystepError, ValueError):
     """Bad sampling input: unknown class, wrong noise shape, and the like."""
 
 
@@ -116,7 +117,10 @@ def scheduler_for(bundle: Bundle, options: SamplingOptions):
     if options.num_steps < 1:
         raise PlanError(f"the number of steps must be at least 1, got {options.num_steps}")
     scheduler = make_scheduler(bundle.scheduler_config, options.scheduler)
-    scheduler.set_timesteps(options.num_steps)
+    try:
+        scheduler.set_timesteps(options.num_steps)
+    except ValueError as exc:  # a step count this scheduler cannot take (more than trained, no DDIM stride...)
+        raise PlanError(str(exc)) from None
     return scheduler, np.asarray(scheduler.timesteps)
 
 
@@ -157,11 +161,26 @@ class PlanSampler:
         self.bundle = bundle
         self.backend = backend
         self._runners: dict[str, StageRunner] = {}
+        self._loading = threading.Lock()
 
     def runner(self, stage: str) -> StageRunner:
-        if stage not in self._runners:
-            self._runners[stage] = self.backend.load(self.bundle.stage(stage))
-        return self._runners[stage]
+        """The stage's runner, loaded once (under a lock: calls from several threads share one session). A runner
+        that is not ``thread_safe`` is wrapped so that its calls take turns."""
+        runner = self._runners.get(stage)
+        if runner is None:
+            with self._loading:
+                runner = self._runners.get(stage)
+                if runner is None:
+                    runner = self.backend.load(self.bundle.stage(stage))
+                    if not getattr(runner, "thread_safe", False):
+                        runner = SerialRunner(runner)
+                    self._runners[stage] = runner
+        return runner
+
+    @property
+    def can_decode(self) -> bool:
+        """Whether :meth:`decode` makes images: a VAE stage, or a pixel-space model (its samples are images)."""
+        return self.bundle.pixel_space or "vae_decoder" in self.bundle.stages
 
     def prepare(self, options: SamplingOptions, images: int, context=None) -> PreparedRun:
         parallel = options.parallel if options.parallel is not None else self.backend.batches_decoders
@@ -206,11 +225,12 @@ class PlanSampler:
         raise NotImplementedError
 
     # --- the loop -----------------------------------------------------------------------------------------------
-    def run_plan(self, noise: np.ndarray, options: SamplingOptions, context, seed: int = 0) -> SampleResult:
+    def run_plan(self, noise: np.ndarray, options: SamplingOptions, context, seed: int = 0,
+                 generator: np.random.Generator | None = None) -> SampleResult:
         images = len(noise)
         prepared = self.prepare(options, images, context)
         scheduler, timesteps = prepared.scheduler, prepared.timesteps
-        rng = np.random.default_rng(seed + 1)  # for stochastic schedulers (DDPM)
+        rng = generator or np.random.default_rng(seed + 1)  # for stochastic schedulers (DDPM)
         cfg = prepared.cfg
         z_T = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
         z = z_T
@@ -256,11 +276,37 @@ class PlanSampler:
         return SampleResult(z, prepared, call_seconds, time.perf_counter() - start, call_flops, mlp_tokens)
 
     def decode(self, latents: np.ndarray) -> np.ndarray | None:
-        """Images as uint8 (N, H, W, C) through the bundle's VAE stage; None if the bundle has none."""
+        """Images as uint8 (N, H, W, C): through the bundle's VAE stage, or, for pixel-space models, the samples
+        themselves ([-1, 1] -> [0, 255]); None if the bundle makes only latents."""
+        if self.bundle.pixel_space:
+            return to_uint8((latents + 1) / 2)
         if "vae_decoder" not in self.bundle.stages:
             return None
         images = self.runner("vae_decoder").run({"latent": latents.astype(np.float32)})["image"]
         return to_uint8(images)
+
+    def initial_noise_from(self, shape: tuple[int, ...], seed: int, generator: np.random.Generator | None):
+        """z_T: from ``generator`` when given, else from a generator seeded with ``seed``."""
+        rng = generator if generator is not None else np.random.default_rng(seed)
+        return rng.standard_normal(shape, dtype=np.float32)
+
+
+class SerialRunner:
+    """A runner whose calls must not overlap (preallocated device buffers, IO bindings, CUDA graphs): one at a time."""
+
+    thread_safe = True
+
+    def __init__(self, runner: StageRunner):
+        self.inner = runner
+        self.spec = runner.spec
+        self._lock = threading.Lock()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self.inner.run(feeds)
+
+    def __getattr__(self, name):  # stats() and the like of the wrapped runner
+        return getattr(self.inner, name)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

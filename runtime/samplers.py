@@ -7,6 +7,10 @@ from .bundle import Bundle
 
 
 def sampler_class(bundle: Bundle) -> type:
+    if bundle.family == "unet3d":
+        from .video_sampler import VideoSampler
+
+        return VideoSampler
     if bundle.family == "unet":
         from .unet_sampler import UNetSampler
 

@@ -40,6 +40,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import KeystepError
+
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 CONFIG_FILE = "tokenizer_config.json"
@@ -71,7 +73,7 @@ _WHITE_SPACE = frozenset(
 _WHITESPACE_RUN = re.compile("[" + "".join(sorted(_WHITE_SPACE)).replace("\\", "\\\\") + "]+")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(KeystepError, ValueError):
     """A tokenizer file is missing, unreadable or inconsistent (the message names the file)."""
 
 

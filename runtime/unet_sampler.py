@@ -22,7 +22,6 @@ from .sampler import (
     check_noise,
     row_values,
     tile_per_half,
-    to_uint8,
 )
 from .tokenizer import ClipTokenizer
 
@@ -52,9 +51,10 @@ class UNetSampler(PlanSampler):
         ids = self.tokenizer.encode(prompts)
         return self.runner("text_encoder").run({"input_ids": ids})["text_embeddings"]
 
-    def initial_noise(self, images: int, height: int, width: int, seed: int) -> np.ndarray:
+    def initial_noise(self, images: int, height: int, width: int, seed: int,
+                      generator: np.random.Generator | None = None) -> np.ndarray:
         shape = (images, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return self.initial_noise_from(shape, seed, generator)
 
     def sample(
         self,
@@ -67,6 +67,7 @@ class UNetSampler(PlanSampler):
         seed: int = 0,
         control_image: np.ndarray | None = None,
         control_scale: float = 1.0,
+        generator: np.random.Generator | None = None,
     ) -> SampleResult:
         if not prompts:
             raise SamplingError("no prompt given")
@@ -76,7 +77,8 @@ class UNetSampler(PlanSampler):
             raise SamplingError(f"height and width must be positive multiples of {f}, got {height}x{width}")
         images = len(prompts)
         expected = (images, self.latent_channels, height // f, width // f)
-        noise = self.initial_noise(images, height, width, seed) if init_noise is None else check_noise(init_noise, expected)
+        noise = (self.initial_noise(images, height, width, seed, generator) if init_noise is None
+                 else check_noise(init_noise, expected))
         cfg = options.guidance > 1
         text = self.encode_text(list(prompts))
         if cfg:
@@ -90,7 +92,8 @@ class UNetSampler(PlanSampler):
                 raise SamplingError("this bundle has no ControlNet stage (build it with --controlnet)")
             control = self._check_control(control_image, images, height, width)
             control = np.concatenate([control, control]) if cfg else control
-        return self.run_plan(noise, options, TextToImageContext(text, control, control_scale), seed=seed)
+        return self.run_plan(noise, options, TextToImageContext(text, control, control_scale), seed=seed,
+                             generator=generator)
 
     def full_stage_usable(self, context) -> bool:
         # the full UNet has no residual inputs: with ControlNet the baseline runs every step as a key step instead
@@ -129,12 +132,6 @@ class UNetSampler(PlanSampler):
 
     def prediction(self, outputs):
         return outputs["noise_pred"]
-
-    def decode(self, latents: np.ndarray) -> np.ndarray | None:
-        """Pixel-space models (no VAE; ``pixel_space`` in the model config) sample images in [-1, 1] themselves."""
-        if self.bundle.model_config.get("pixel_space"):
-            return to_uint8((latents + 1) / 2)
-        return super().decode(latents)
 
 
 def load_control_image(path: str, height: int, width: int) -> np.ndarray:

@@ -23,21 +23,77 @@ def original_checkpoint(original_dit, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(original_checkpoint, tmp_path_factory):
-    from keystep.export.build import build_dit_bundle
+def clipped_dit_scheduler(tmp_path_factory):
+    """The original DiT's sampler (what bundles of original checkpoints default to: respaced DDIM) with
+    clip_denoised=True, DiT's ddim_sample_loop's own default: random weights predict x0 far outside [-1, 1], and
+    unclipped their samples grow to |x| ~ 1000, where no absolute tolerance means anything. The unclipped default is
+    tested on the trained digits-dit (``digits_bundle``), whose samples stay in range. DiT's "ddimN" respacing: for
+    step counts dividing 1000 these are diffusers' "leading" timesteps, which the width fixtures' masks were chosen
+    for (``dit_reference.DiTDDIM(steps, "ddim", clip_denoised=True)`` is the reference)."""
+    from keystep.export.build import DIT_TRAINING_SCHEDULE
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return build_dit_bundle(str(original_checkpoint), str(out), steps=10, num_heads=4, progress=lambda m: None)
+    path = tmp_path_factory.mktemp("scheduler") / "dit-clipped.json"
+    path.write_text(json.dumps({**DIT_TRAINING_SCHEDULE, "timestep_respacing": "ddim", "clip_sample": True}))
+    return str(path)
 
 
 @pytest.fixture(scope="session")
-def block_cache_bundle(original_checkpoint, tmp_path_factory):
+def tiny_bundle(original_checkpoint, clipped_dit_scheduler, tmp_path_factory):
+    from keystep.export.build import build_dit_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return build_dit_bundle(str(original_checkpoint), str(out), steps=10, num_heads=4,
+                            scheduler_config=clipped_dit_scheduler, progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def block_cache_bundle(original_checkpoint, clipped_dit_scheduler, tmp_path_factory):
     """The tiny DiT with two block-caching variants: blocks 1..2 and block 2 skipped at cached steps."""
     from keystep.export.build import build_dit_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "blockcache"
     return build_dit_bundle(str(original_checkpoint), str(out), steps=10, num_heads=4, cache="blocks:1-2,2-2",
-                            progress=lambda m: None)
+                            scheduler_config=clipped_dit_scheduler, progress=lambda m: None)
+
+
+# --- the shipped, trained digits-dit: samples that stay in range ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory):
+    """``keystep build digits-dit`` (its tuned DDIM config and default plan: 50 steps, uniform:6, guidance 2). A
+    trained model: its samples stay within about [-1.5, 1.5], so absolute tolerances mean what they say."""
+    from keystep.tools.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "digits-dit"
+    assert main(["build", "digits-dit", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_dit():
+    """digits-dit's weights in the independent ``dit_reference.OriginalDiT`` (16x16x1, patch 4, hidden 128, 6
+    blocks, 4 heads, 10 classes, no learned sigma)."""
+    from safetensors.torch import load_file
+
+    from dit_reference import OriginalDiT
+    from keystep.models import shipped
+
+    model = OriginalDiT(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
+                        num_classes=10, learn_sigma=False)
+    model.load_state_dict(load_file(shipped("digits-dit").path))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_dit_bundle(tmp_path_factory):
+    """`keystep build digits-dit --out B` (the shipped pixel-space DiT), with one block-caching variant so that
+    the manifest has every section a DiT bundle can have."""
+    from keystep.tools.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "digits-dit"
+    assert main(["build", "digits-dit", "--out", str(out), "--cache", "blocks:1-3"]) == 0
+    return out
 
 
 # --- DyDiT: a random DyDiT-format checkpoint and width bundles (one routed, one calibrated) ----------------------
@@ -62,24 +118,24 @@ def dydit_checkpoint_path(dydit_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def dydit_bundle(dydit_checkpoint_path, tmp_path_factory):
+def dydit_bundle(dydit_checkpoint_path, clipped_dit_scheduler, tmp_path_factory):
     """Router widths (the default for a DyDiT checkpoint) with gathered token selection. 5 steps have 3 distinct
     masks; --max-profiles 2 gives each stage one exact narrowed engine and one merged (masked) engine."""
     from keystep.export.build import build_dit_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "dydit"
     return build_dit_bundle(str(dydit_checkpoint_path), str(out), steps=5, max_profiles=2, token_skip="gather",
-                            progress=lambda m: None)
+                            scheduler_config=clipped_dit_scheduler, progress=lambda m: None)
 
 
 @pytest.fixture(scope="session")
-def calibrated_bundle(original_checkpoint, tmp_path_factory):
+def calibrated_bundle(original_checkpoint, clipped_dit_scheduler, tmp_path_factory):
     """Training-free widths at half the blocks' FLOPs for the plain DiT: one (merged) engine per stage."""
     from keystep.export.build import build_dit_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "calibrated"
     return build_dit_bundle(str(original_checkpoint), str(out), steps=5, num_heads=4, width="calibrated:0.5",
-                            max_profiles=1, progress=lambda m: None)
+                            max_profiles=1, scheduler_config=clipped_dit_scheduler, progress=lambda m: None)
 
 
 @pytest.fixture(scope="session")
@@ -154,3 +210,29 @@ def sd_bundle_dir(sd_dir, controlnet_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "sd"
     return build_unet_bundle(str(sd_dir), str(out), controlnet=str(controlnet_dir), steps=10, cache="deep:0,1,3,4",
                              progress=lambda m: None)
+
+
+# --- text-to-video: a tiny UNet3D pipeline (ModelScope's config scaled down) and a bundle built from it -------------
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory):
+    """A TextToVideoSDPipeline directory (tiny UNet3D, the SD tests' tiny VAE / CLIP / byte-level tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    from video_reference import save_text_to_video_pipeline, tiny_unet3d
+
+    tokenizer = CLIPTokenizer(vocab=tiny_tokenizer_vocab(), merges=[], model_max_length=77)
+    path = tmp_path_factory.mktemp("video") / "pipeline"
+    return save_text_to_video_pipeline(path, tiny_unet3d(), tiny_vae(), tiny_clip(), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def video_bundle_dir(video_dir, tmp_path_factory):
+    """Every text-to-video stage through the normal build path, with DeepCache's default branch 0 (the shallow path
+    runs conv_in + transformer_in and re-enters at the last up layer; the cheapest stage to export — every 3-D
+    export costs tens of seconds of tracing)."""
+    from keystep.export.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "video"
+    return build_bundle(str(video_dir), str(out), steps=10, cache="deep:0", frames=4, progress=lambda m: None)

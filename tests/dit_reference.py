@@ -32,6 +32,15 @@ Contents
     DiTPipeline-style classifier-free guidance, as the reference for a batched
     implementation.
 
+``DiTDDIM(num_steps, ...)``
+    The original DiT's DDIM sampler in plain PyTorch/numpy, written from
+    facebookresearch/DiT's ``diffusion/respace.py`` (``space_timesteps``,
+    ``SpacedDiffusion``) and ``diffusion/gaussian_diffusion.py`` (``ddim_sample``):
+    respaced timesteps, float64 tables, steps to the previous kept timestep,
+    ``clip_denoised=False`` as DiT's sample.py passes it.  Shaped like a diffusers
+    scheduler (``timesteps``, ``step(eps, t, z).prev_sample``) so the loops above
+    take it.
+
 Known numerical differences: original DiT vs. diffusers DiTTransformer2DModel
 ---------------------------------------------------------------------------
 Even with a strictly loaded, correctly converted state dict, diffusers'
@@ -96,6 +105,7 @@ __all__ = [
     "make_diffusers_dit",
     "encoder_propagation_sample",
     "baseline_sample",
+    "DiTDDIM",
     "get_2d_sincos_pos_embed",
     "TINY_CFG",
 ]
@@ -549,3 +559,57 @@ def baseline_sample(
             z = z + noise_injection[0] * z_T
         z = scheduler.step(eps, t, z).prev_sample
     return z
+
+
+class DiTDDIM:
+    """facebookresearch/DiT's DDIM (``create_diffusion(str(num_steps))`` or ``"ddim<num_steps>"`` + ``ddim_sample``),
+    one step at a time. Tables in float64 (numpy), per-step coefficients taken as float32 tensors, as DiT's
+    ``_extract_into_tensor`` does."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, num_steps: int, respacing: str = "", clip_denoised: bool = False, eta: float = 0.0,
+                 beta_start: float = 0.0001, beta_end: float = 0.02, num_train_timesteps: int = 1000):
+        T = num_train_timesteps
+        if respacing == "ddim":  # the DDIM paper's fixed stride
+            stride = next(s for s in range(1, T) if len(range(0, T, s)) == num_steps)
+            kept = list(range(0, T, stride))
+        else:  # one section: num_steps points from 0 to T-1, a fractional stride accumulated and rounded
+            frac = 1 if num_steps <= 1 else (T - 1) / (num_steps - 1)
+            kept, idx = [], 0.0
+            for _ in range(num_steps):
+                kept.append(round(idx))  # Python's round: half to even
+                idx += frac
+        base = np.cumprod(1.0 - np.linspace(beta_start, beta_end, T, dtype=np.float64))
+        prev, respaced_betas = 1.0, []
+        for t in kept:  # SpacedDiffusion: new betas from the kept alpha-bars, then a fresh GaussianDiffusion
+            respaced_betas.append(1 - base[t] / prev)
+            prev = base[t]
+        alphas_cumprod = np.cumprod(1.0 - np.array(respaced_betas, dtype=np.float64))
+        self.alphas_cumprod = alphas_cumprod
+        self.alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.sqrt_recip = np.sqrt(1.0 / alphas_cumprod)
+        self.sqrt_recipm1 = np.sqrt(1.0 / alphas_cumprod - 1)
+        self.kept = kept
+        self.timesteps = torch.tensor(kept[::-1])  # the model sees the original timestep (_WrappedModel's map)
+        self.clip_denoised, self.eta = clip_denoised, eta
+
+    def scale_model_input(self, x, t):
+        return x
+
+    def step(self, eps, t, x, noise=None):
+        i = self.kept.index(int(t))
+
+        def at(table):
+            return torch.tensor(table[i], dtype=torch.float64).float()
+
+        x0 = at(self.sqrt_recip) * x - at(self.sqrt_recipm1) * eps
+        if self.clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        eps = (at(self.sqrt_recip) * x - x0) / at(self.sqrt_recipm1)
+        abar, abar_prev = at(self.alphas_cumprod), at(self.alphas_cumprod_prev)
+        sigma = self.eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        prev = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+        if i > 0 and self.eta > 0:
+            prev = prev + sigma * noise
+        return type("StepOutput", (), {"prev_sample": prev})()

@@ -14,6 +14,8 @@ from keystep.runtime.backends.onnxruntime_gpu import (
     NO_GRAPH,
     GraphIds,
     IOBindingBackend,
+    OnnxRuntimeCudaBackend,
+    OnnxRuntimeTensorRTBackend,
     cuda_provider_options,
     format_profile_shapes,
     output_shapes,
@@ -64,10 +66,11 @@ def test_output_shapes_bound_from_the_inputs_or_unknown():
 
 
 def test_graph_ids_per_shape_up_to_the_bound_then_fallback_warned_once():
+    """Ids from 1: 0 is the graph of runs that set no gpu_graph_id."""
     ids = GraphIds(2, "decoder")
-    assert [ids(k) for k in ("a", "b", "a", "b")] == [0, 1, 0, 1]
+    assert [ids(k) for k in ("a", "b", "a", "b")] == [1, 2, 1, 2]
     with pytest.warns(UserWarning, match="'decoder': 2 CUDA graphs captured") as caught:
-        assert [ids(k) for k in ("c", "d", "c", "a")] == [NO_GRAPH, NO_GRAPH, NO_GRAPH, 0]
+        assert [ids(k) for k in ("c", "d", "c", "a")] == [NO_GRAPH, NO_GRAPH, NO_GRAPH, 1]
     assert len(caught) == 1 and len(ids) == 2
 
 
@@ -146,3 +149,74 @@ def test_cuda_backend_generates_the_cpu_latents(tiny_bundle, tmp_path):
     # the CUDA EP may use TF32 matmuls
     np.testing.assert_allclose(np.load(tmp_path / "onnxruntime-cuda.npy"), np.load(tmp_path / "onnxruntime.npy"),
                                rtol=2e-3, atol=2e-3)
+
+
+# --- the GPU backends' session choices, with ONNX Runtime told it has the GPU providers ---------------------------
+
+@pytest.fixture()
+def gpu_providers(monkeypatch):
+    """This onnxruntime says it has the CUDA and TensorRT providers (sessions are not created in these tests)."""
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    return monkeypatch
+
+
+def test_cuda_graphs_per_shape_need_onnxruntime_1_18(gpu_providers):
+    gpu_providers.setattr(onnxruntime, "__version__", "1.17.3")
+    with pytest.raises(BackendError, match=r"need onnxruntime-gpu >= 1\.18 \(this is 1\.17\.3.*--no-cuda-graphs"):
+        OnnxRuntimeCudaBackend(cuda_graphs=True)
+    assert OnnxRuntimeCudaBackend(cuda_graphs=False).graph_mode  # without graphs any version does
+    gpu_providers.setattr(onnxruntime, "__version__", "1.18.0")
+    assert OnnxRuntimeCudaBackend(cuda_graphs=True).providers_for(ENCODER, True) == [
+        ("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "True"})]
+
+
+def test_tensorrt_ep_gets_one_graphed_shape_per_session_and_its_cache_dirs(gpu_providers, tiny_bundle, tmp_path):
+    """The decoder (batches 2..20 over the default plan and the baseline) runs without graphs; the encoder and the
+    full stage (one batch each at one image) keep the TensorRT EP's graph. The engine cache directory is created
+    (the EP's mkdir is not recursive and <bundle>/engines does not exist yet)."""
+    import shutil
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    bundle = Bundle.load(root)
+    backend = OnnxRuntimeTensorRTBackend(cuda_graphs=True)
+    with pytest.warns(UserWarning, match="'decoder' is called with several input shapes"):
+        assert backend.graph_mode(bundle.stage("decoder")) == "off"
+    assert backend.graph_mode(bundle.stage("encoder")) == backend.graph_mode(bundle.stage("full")) == "single-shape"
+    assert not (root / "engines").exists()
+    options = dict(backend.providers_for(bundle.stage("decoder"), False))["TensorrtExecutionProvider"]
+    assert options["trt_cuda_graph_enable"] == "False"
+    assert (root / "engines" / "ort-trt").is_dir() and options["trt_engine_cache_path"] == str(root / "engines" /
+                                                                                                "ort-trt")
+
+
+class SingleGraphBackend(IOBindingBackend):
+    """The CPU provider standing in for a provider that keeps one CUDA graph per session (the TensorRT EP)."""
+
+    def __init__(self):
+        super().__init__(device="cpu", cuda_graphs=True)
+        self.sessions_made = []
+
+    def graph_mode(self, spec):
+        return "single-shape"
+
+    def providers_for(self, spec, cuda_graphs):
+        self.sessions_made.append(cuda_graphs)
+        return ["CPUExecutionProvider"]
+
+
+def test_single_graph_sessions_run_other_shapes_on_a_graphless_session(tiny_bundle):
+    spec = Bundle.load(tiny_bundle).stage("decoder")
+    plain = get_backend("onnxruntime").load(spec)
+    backend = SingleGraphBackend()
+    runner = backend.load(spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed, batch in enumerate([2, 2, 4, 2, 6, 4]):
+            feeds = feeds_for(spec, batch, seed)
+            for name, value in reference(plain, feeds).items():
+                np.testing.assert_allclose(runner.run(feeds)[name], value, rtol=1e-5, atol=1e-6)
+    assert backend.sessions_made == [True, False]  # the graphed session, then one graph-less session for the rest
+    assert [str(w.message).count("one CUDA graph per session") for w in caught] == [1]
+    assert backend.stats() == {"stages": 1, "sessions": 2, "cuda_graphs": 1, "buffer_bytes": runner.buffer_bytes}

@@ -5,7 +5,7 @@ import DeepCache  # the reference for DeepCache plans (dev extra: deepcache==0.1
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
 from keystep.runtime.backends.base import get_backend
 from keystep.runtime.bundle import Bundle
@@ -13,6 +13,7 @@ from keystep.runtime.dit_sampler import DiTSampler
 from keystep.runtime.plan import PlanError, parse_cache, quad_center_steps
 from keystep.runtime.sampler import SamplingOptions
 from keystep.runtime.unet_sampler import UNetSampler
+from dit_reference import DiTDDIM
 from sd_reference import fd_decode, fd_encode
 
 
@@ -186,9 +187,8 @@ def block_cache_sampler(block_cache_bundle):
 
 def block_cache_reference(dit, noise, labels, steps, guidance, first, last, full_steps, num_classes):
     """Plain PyTorch DiT loop (original DiT's module names) with Δ-DiT-style block caching, CFG rows
-    [labels, null], diffusers' DDIM with DiT's training schedule."""
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
-    scheduler.set_timesteps(steps)
+    [labels, null], DiT's own DDIM (the bundle's: conftest.clipped_dit_scheduler)."""
+    scheduler = DiTDDIM(steps, "ddim", clip_denoised=True)
     y = torch.tensor(labels + [num_classes] * len(labels))
     z = torch.from_numpy(noise)
     residual = None

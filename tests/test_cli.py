@@ -114,6 +114,9 @@ def test_width_build_inspect_generate_and_profile(original_checkpoint, tmp_path,
     assert main(["build", str(original_checkpoint), "--out", str(out), "--num-heads", "4", "--steps", "4",
                  "--width", "calibrated:0.6", "--max-profiles", "1"]) == 0
     capsys.readouterr()
+    # an original DiT checkpoint has no scheduler config: the bundle samples as DiT's own code (unclipped DDIM)
+    scheduler = json.loads((out / "manifest.json").read_text())["scheduler"]
+    assert (scheduler["_class_name"], scheduler["clip_sample"]) == ("RespacedDDIMScheduler", False)
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     width = info["width"]

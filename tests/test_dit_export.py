@@ -42,14 +42,21 @@ def test_heads_are_inferred_from_dydit_routers_or_given(original_checkpoint, tmp
         assert load_dit(path).model.config.num_heads == heads
 
 
-def test_diffusers_loader_matches_diffusers_model(original_dit, tmp_path):
-    reference = make_diffusers_dit(original_dit).eval()
+@pytest.mark.parametrize("norm_eps", [1e-6, 1e-5, 1e-2])
+def test_diffusers_loader_matches_diffusers_model(original_dit, tmp_path, norm_eps):
+    """norm_eps: 1e-6 is the original DiT's, 1e-5 diffusers' default (what converted hub checkpoints carry), 1e-2
+    one large enough that a loader ignoring it cannot pass."""
+    reference = make_diffusers_dit(original_dit, norm_eps=norm_eps).eval()
     reference.save_pretrained(tmp_path / "transformer")
     loaded = load_dit(tmp_path / "transformer")
+    assert loaded.model.config.mlp_norm_eps == norm_eps
     x, t, y = inputs(4)
     with torch.no_grad():
         expected = reference(x, timestep=t, class_labels=y).sample
         torch.testing.assert_close(loaded.model(x, t, y), expected, rtol=1e-5, atol=1e-5)
+        if norm_eps == 1e-2:  # negative control: the same weights with the original eps are another function
+            other = make_diffusers_dit(original_dit, norm_eps=1e-6).eval()
+            assert (other(x, timestep=t, class_labels=y).sample - expected).abs().max() > 1e-3
 
 
 def test_both_loaders_give_the_same_model_for_the_same_weights(original_dit, original_checkpoint, tmp_path):

@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
+from dit_reference import DiTDDIM
 from dydit_reference import dydit_flops, dydit_sample
 from keystep.export.build import build_dit_bundle
 from keystep.export.dit_loaders import load_dit
@@ -25,7 +25,6 @@ from keystep.runtime.dit_sampler import DiTSampler
 from keystep.runtime.plan import PlanError
 from keystep.runtime.sampler import SamplingOptions
 
-DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 ROUTER_PARTS = ("attn_rate", "mlp_rate", "token_selection")
 
 
@@ -33,9 +32,8 @@ ROUTER_PARTS = ("attn_rate", "mlp_rate", "token_selection")
 # helpers (all "expected" values come from the reference model / formula)
 # --------------------------------------------------------------------------------------------------------------------
 def ddim(steps):
-    scheduler = DDIMScheduler(**DIT_SCHEDULE)
-    scheduler.set_timesteps(steps)
-    return scheduler
+    """The bundles' sampler (conftest.clipped_dit_scheduler): DiT's DDIM, "ddimN" respacing, clip_denoised=True."""
+    return DiTDDIM(steps, "ddim", clip_denoised=True)
 
 
 def reference_masks(model, timesteps) -> np.ndarray:
@@ -516,8 +514,88 @@ def test_calibrated_masks_meet_the_flops_target(calibrated, dydit_model):
         assert 0.5 - unit_share <= ratio <= 0.5 + 1e-12, ratio
 
 
+def independent_calibration(dit, scheduler_config, target=0.5, images=8, steps=50, buckets=10, guidance=4.0, seed=0):
+    """export/calibrate.py's procedure as its docstring states it, written again on the reference OriginalDiT:
+    a seeded CFG run of diffusers' DDIM (the "ddim" class on the bundle's scheduler config); per timestep bucket, each
+    head's / MLP group's mean contribution norm to the residual stream (gate x its slice of proj / fc2 applied to its
+    output) over the mean norm of the stream entering the block; per bucket, each block's best head and group, then
+    the best score per DyDiT MAC (dydit_flops' accounting) while the kept MACs stay within ``target`` x dense;
+    every training timestep takes its bucket's choice (or the nearest visited bucket's)."""
+    from diffusers import DDIMScheduler
+
+    cfg = dict(input_size=dit.input_size, patch_size=dit.patch_size, hidden_size=dit.hidden_size,
+               num_heads=dit.num_heads, depth=dit.depth)
+    depth, H = dit.depth, dit.num_heads
+    one = np.zeros((depth, H))
+    one[0, 0] = 1
+    unit_macs = (dydit_flops(cfg, one, 0 * one)["macs"], dydit_flops(cfg, 0 * one, one)["macs"])
+    cost = np.empty((depth, 2, H))
+    cost[:, 0], cost[:, 1] = unit_macs
+    sums, count = np.zeros((buckets, depth, 2, H)), np.zeros(buckets)
+    bucket, entering = [0], {}
+
+    def contribution(i, kind, unit_out, block):
+        x, c = entering[i]
+        gate = block.adaLN_modulation(c).chunk(6, dim=1)[2 if kind == 0 else 5]
+        weight = (block.attn.proj if kind == 0 else block.mlp.fc2).weight  # (D, H * unit)
+        per_unit = unit_out.reshape(*unit_out.shape[:2], H, -1)
+        contrib = torch.einsum("ntuk,duk->ntud", per_unit, weight.reshape(weight.shape[0], H, -1))
+        norm = (contrib * gate[:, None, None, :]).norm(dim=-1).mean(dim=(0, 1))
+        sums[bucket[0], i, kind] += (norm / x.norm(dim=-1).mean()).numpy()
+
+    handles = []
+    for i, block in enumerate(dit.blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, a, i=i: entering.__setitem__(i, a)))
+        for kind, layer in enumerate((block.attn.proj, block.mlp.fc2)):
+            handles.append(layer.register_forward_pre_hook(
+                lambda m, a, i=i, b=block, k=kind: contribution(i, k, a[0], b)))
+    rng = np.random.default_rng(seed)
+    z = torch.from_numpy(rng.standard_normal((images, dit.in_channels, dit.input_size, dit.input_size),
+                                             dtype=np.float32))
+    labels = torch.as_tensor(np.concatenate([rng.integers(0, dit.num_classes, images),
+                                             np.full(images, dit.num_classes)]))
+    scheduler = DDIMScheduler.from_config({k: v for k, v in scheduler_config.items() if k != "timestep_respacing"})
+    scheduler.set_timesteps(steps)
+    try:
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                bucket[0] = min(int(t) * buckets // 1000, buckets - 1)
+                count[bucket[0]] += 1
+                out = dit(torch.cat([z, z]), torch.full((2 * images,), float(t)), labels)[:, : dit.in_channels]
+                z = scheduler.step(out[images:] + guidance * (out[:images] - out[images:]), t, z).prev_sample
+    finally:
+        for h in handles:
+            h.remove()
+    chosen = {}
+    for b in np.flatnonzero(count):
+        score = sums[b] / count[b]
+        keep = np.zeros(score.shape, dtype=bool)
+        for i in range(depth):
+            keep[i, 0, score[i, 0].argmax()] = keep[i, 1, score[i, 1].argmax()] = True
+        budget = target * cost.sum() - cost[keep].sum()
+        for flat in np.argsort(-(score / cost), axis=None):
+            unit = np.unravel_index(flat, score.shape)
+            if not keep[unit] and cost[unit] <= budget:
+                keep[unit], budget = True, budget - cost[unit]
+        chosen[b] = keep
+    visited = np.array(sorted(chosen))
+    return np.stack([chosen[visited[np.argmin(np.abs(visited - min(t * buckets // 1000, buckets - 1)))]]
+                     for t in range(1000)])
+
+
+@pytest.fixture(scope="module")
+def calibrated_table(calibrated, original_dit):
+    return independent_calibration(original_dit, calibrated.scheduler_config)
+
+
+def test_calibrated_table_equals_an_independent_calibration(calibrated, calibrated_table):
+    table = np.load(calibrated.root / "width" / "masks.npy")
+    assert (table != calibrated_table).sum() == 0, np.argwhere(table != calibrated_table)[:5]
+
+
 @pytest.mark.parametrize("key_steps", ["default", "all"])
-def test_calibrated_sampling_equals_masked_reference(calibrated, dydit_model, original_dit, ort, key_steps):
+def test_calibrated_sampling_equals_masked_reference(calibrated, calibrated_table, dydit_model, original_dit, ort,
+                                                     key_steps):
     # random_dydit(0) is random_original_dit(0) + routers: the same DiT weights as the calibrated checkpoint
     sd = dydit_model.state_dict()
     for k, v in original_dit.state_dict().items():
@@ -526,11 +604,12 @@ def test_calibrated_sampling_equals_masked_reference(calibrated, dydit_model, or
     labels = [3, 8]
     options = SamplingOptions.from_bundle(calibrated, key_steps=key_steps, noise_injection=False)
     result = sampler.sample(labels, options, seed=6)
-    table = calibrated.width
     z_T = torch.from_numpy(sampler.initial_noise(len(labels), 6))
     args = (dydit_model, z_T, labels, ddim(options.num_steps), options.guidance, calibrated.manifest["split"],
             result.prepared.plan.key_steps)
-    expected = dydit_sample(*args, token_select=False, masks_fn=lambda t: as_masks(table.step_masks(t.numpy()))).numpy()
+    # the masks at each step's timestep, from the independent calibration (not the bundle's table)
+    expected = dydit_sample(*args, token_select=False,
+                            masks_fn=lambda t: as_masks(calibrated_table[t.numpy().astype(int)])).numpy()
     assert close(result.latents, expected, 1e-4), np.abs(result.latents - expected).max()
     dense = dydit_sample(*args, token_select=False,
                          masks_fn=lambda t: as_masks(np.ones((len(t), dydit_model.depth, 2, dydit_model.num_heads))))
@@ -557,6 +636,11 @@ def test_a_step_count_no_engine_covers_is_a_plan_error(which, dydit, calibrated,
     split, depth, H = bundle.manifest["split"], dydit_model.depth, dydit_model.num_heads
     entries = [(e, engine_units(e, H)) for e in bundle.manifest["width"]["engines"]]
 
+    # DiT's "ddimN" respacing takes the counts an integer stride gives; 37, say, is a PlanError of its own
+    counts = [n for n in range(2, 40) if any(len(range(0, 1000, stride)) == n for stride in range(1, 1000))]
+    with pytest.raises(PlanError, match="cannot take exactly 37 of 1000 timesteps with an integer stride"):
+        DiTSampler(bundle, ort).sample([1], SamplingOptions.from_bundle(bundle, num_steps=37))
+
     def covered(steps):
         for t in ddim(steps).timesteps.numpy():
             for stage in ("encoder", "decoder"):
@@ -567,13 +651,13 @@ def test_a_step_count_no_engine_covers_is_a_plan_error(which, dydit, calibrated,
 
     built = bundle.default_plan["num_steps"]
     assert covered(built)
-    uncovered = [n for n in range(2, 40) if not covered(n)]
+    uncovered = [n for n in counts if not covered(n)]
     assert uncovered, "every step count is covered: this bundle cannot show the error"
     sampler = DiTSampler(bundle, ort)
     with pytest.raises(PlanError, match="no (encoder|decoder) engine"):
         sampler.sample([1], SamplingOptions.from_bundle(bundle, num_steps=uncovered[0]))
     if which == "dydit":  # a step count the bundle was not built for, but covers, is exact too
-        steps = next(n for n in range(2, 40) if n != built and covered(n))
+        steps = next(n for n in counts if n != built and covered(n))
         options = SamplingOptions.from_bundle(bundle, num_steps=steps, noise_injection=False)
         result = sampler.sample([2, 6], options, seed=7)
         z_T = torch.from_numpy(sampler.initial_noise(2, 7))

@@ -18,6 +18,13 @@ def test_runtime_runs_a_bundle_without_torch(tiny_bundle, tmp_path):
         # the GPU backends and the engine plan import without torch or onnx (TensorRT itself is imported lazily)
         import keystep.runtime.engine_plan, keystep.runtime.backends.tensorrt, keystep.runtime.backends.cuda
         import keystep.runtime.backends.onnxruntime_gpu
+        import keystep.runtime.video_sampler, keystep.runtime.video_output  # text-to-video serving needs no torch
+        # what runs inside a Triton server: the API, the orchestrator, the stage models, the BLS backend
+        import keystep.runtime.pipeline, keystep.runtime.triton.orchestrator, keystep.runtime.triton.stage
+        import keystep.runtime.triton.bls
+        import keystep
+        out = keystep.load({str(tiny_bundle)!r})(class_labels=[2], num_inference_steps=3, output_type="latent")
+        assert out.latents.shape == (1, 4, 8, 8)
         from keystep.tools.cli import main
         rc = main(["generate", {str(tiny_bundle)!r}, "--class", "1", "--steps", "4",
                    "--save-latents", {str(tmp_path / "z.npy")!r}])

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
+from dit_reference import DiTDDIM
 from keystep.runtime.backends.base import get_backend
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.dit_sampler import DiTSampler
@@ -83,8 +83,7 @@ def test_tune_similarity_picks_the_steps_whose_encoder_features_change_most(bund
     assert "tuned" not in bundle.manifest  # --dry-run
     # independent: the baseline trajectory in PyTorch, the encoder (blocks[:split]) features at every step
     split = bundle.manifest["split"]
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
-    scheduler.set_timesteps(10)
+    scheduler = DiTDDIM(10, "ddim", clip_denoised=True)  # the bundle's sampler (conftest.clipped_dit_scheduler)
     sampler = DiTSampler(bundle, get_backend("onnxruntime"))
     z = torch.from_numpy(sampler.initial_noise(len(CLASSES), 0))
     y = torch.tensor(CLASSES + [sampler.num_classes] * len(CLASSES))

@@ -132,9 +132,9 @@ def test_cli_text_to_image(sd_bundle_dir, tmp_path, capsys):
                  "3", "--control-image", str(path), "--out", str(tmp_path / "c.png")]) == 0
     capsys.readouterr()
     assert main(["generate", str(sd_bundle_dir), "--class", "3"]) == 2
-    assert "needs --prompt" in capsys.readouterr().err
+    assert "--class: this is a text-to-image bundle: it takes a prompt" in capsys.readouterr().err
     assert main(["generate", str(sd_bundle_dir), "--prompt", "x", "--height", "60"]) == 2
-    assert "multiples of 8" in capsys.readouterr().err
+    assert "--height: must be a multiple of" in capsys.readouterr().err
     assert main(["inspect", str(sd_bundle_dir), "--steps", "50"]) == 0
     text = capsys.readouterr().out
     assert "key steps [0, 1, 2, 3, 5, 10, 15, 25, 35]" in text

@@ -8,9 +8,10 @@ from typing import Protocol
 import numpy as np
 
 from ..bundle import StageSpec, parse_dim
+from ..errors import KeystepError
 
 
-class BackendError(RuntimeError):
+class BackendError(KeystepError, RuntimeError):
     """A backend is unavailable here or failed to load/run a stage."""
 
 
@@ -53,6 +54,22 @@ def check_feeds(spec: StageSpec, feeds: dict[str, np.ndarray]) -> None:
                     f"axis {want!r} (expected {io.shape})")
         if not ok:
             raise BackendError(f"stage {spec.name!r} input {io.name!r}: shape {arr.shape}, expected {io.shape}")
+
+
+def check_graph_io(spec: StageSpec, inputs: list[str], outputs: list[str]) -> None:
+    """The manifest's I/O names must be the graph's: a disagreement (an edited manifest, a swapped file) is named
+    at load instead of surfacing as a backend error mid-sampling."""
+    for side, want, have in (("inputs", [i.name for i in spec.inputs], inputs),
+                             ("outputs", [o.name for o in spec.outputs], outputs)):
+        if sorted(want) != sorted(have):
+            raise BackendError(f"stage {spec.name!r}: the manifest's {side} {sorted(want)} are not the graph's "
+                               f"{sorted(have)} ({spec.path}); rebuild the bundle")
+
+
+def stage_failed(spec: StageSpec, exc: BaseException) -> BackendError:
+    """A backend's own failure while running a stage, as one line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return BackendError(f"stage {spec.name!r} ({spec.path.name}) failed: {first[:300]}")
 
 
 def import_optional(module: str, backend: str, install: str):

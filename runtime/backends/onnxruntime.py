@@ -5,18 +5,25 @@ from __future__ import annotations
 import numpy as np
 
 from ..bundle import StageSpec
-from .base import BackendError, check_feeds, import_optional
+from .base import BackendError, check_feeds, check_graph_io, import_optional, stage_failed
 
 
 class OnnxRuntimeRunner:
+    thread_safe = True  # InferenceSession.run may be called from several threads at once
+
     def __init__(self, spec: StageSpec, session):
         self.spec = spec
         self._session = session
         self._output_names = [o.name for o in spec.outputs]
+        check_graph_io(spec, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.spec, feeds)
-        return dict(zip(self._output_names, self._session.run(self._output_names, feeds)))
+        try:
+            outputs = self._session.run(self._output_names, feeds)
+        except Exception as exc:  # ORT's own exception types; the manifest and the graph disagree, or a bad value
+            raise stage_failed(self.spec, exc) from exc
+        return dict(zip(self._output_names, outputs))
 
 
 class OnnxRuntimeBackend:

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..bundle import StageSpec
-from .base import BackendError, check_feeds, import_optional
+from .base import BackendError, check_feeds, check_graph_io, import_optional, stage_failed
 
 PRECISIONS = ("f32", "bf16")
 
 
 class OpenVINORunner:
+    thread_safe = True  # one infer request per calling thread; the compiled model is shared
+
     def __init__(self, spec: StageSpec, compiled):
         self.spec = spec
-        self._request = compiled.create_infer_request()
+        self._compiled = compiled
+        self._local = threading.local()
+        check_graph_io(spec, [i.any_name for i in compiled.inputs], [o.any_name for o in compiled.outputs])
         self._outputs = [(o.name, compiled.output(o.name)) for o in spec.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.spec, feeds)
-        result = self._request.infer(feeds)
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        try:
+            result = request.infer(feeds)
+        except Exception as exc:  # OpenVINO's RuntimeError subclasses
+            raise stage_failed(self.spec, exc) from exc
         # results alias the request's buffers, which the next call overwrites: copy out
         return {name: np.array(result[port]) for name, port in self._outputs}
 

@@ -15,6 +15,7 @@ from .ddpm import DDPMScheduler
 from .dpmpp_2m import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .pndm import PNDMScheduler
+from .respaced_ddim import RespacedDDIMScheduler
 
 SCHEDULERS: dict[str, type[BaseScheduler]] = {
     "ddim": DDIMScheduler,
@@ -22,6 +23,7 @@ SCHEDULERS: dict[str, type[BaseScheduler]] = {
     "euler": EulerDiscreteScheduler,
     "ddpm": DDPMScheduler,
     "pndm": PNDMScheduler,
+    "ddim-respaced": RespacedDDIMScheduler,  # the original DiT's DDIM (respaced timesteps, no clipping)
 }
 #: diffusers class name -> our scheduler name, and back.
 CLASS_TO_NAME: dict[str, str] = {cls.class_name: name for name, cls in SCHEDULERS.items()}
@@ -64,6 +66,7 @@ def make_scheduler(config: Mapping[str, Any], name: str | None = None) -> BaseSc
 
 __all__ = [
     "SCHEDULERS", "CLASS_TO_NAME", "NAME_TO_CLASS", "BaseScheduler", "SchedulerConfigError", "DDIMScheduler",
-    "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler", "make_scheduler",
+    "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler", "RespacedDDIMScheduler",
+    "make_scheduler",
     "scheduler_name_for_class", "class_name_for_scheduler",
 ]

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from ..errors import KeystepError
+
 F32 = np.float32
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -20,7 +22,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-class SchedulerConfigError(ValueError):
+class SchedulerConfigError(KeystepError, ValueError):
     """A scheduler config field holds a value that is invalid or not implemented."""
 
     def __init__(self, message: str, field: str | None = None, value: Any = None):

@@ -65,13 +65,13 @@ def measure(sampler, sample, eager, steps: int, guidance: float, repeats: int, i
     }
 
 
-def to_markdown(r: dict, command: str, what: str) -> str:
+def to_markdown(r: dict, command: str, what: str, unit: str = "image") -> str:
     eager, base = r["median"][EAGER], r["median"]["baseline"]
     lines = [
         f"`{command}` — {cpu_name()}, {os.cpu_count()} cores; {what}; {r['steps']} steps, CFG {r['guidance']}, "
         f"batch 1, median of {r['repeats']} interleaved runs",
         "",
-        "| row | s/image (median) | min–max | vs diffusers | vs baseline | GFLOP | FLOP bound vs baseline | host share |",
+        f"| row | s/{unit} (median) | min–max | vs diffusers | vs baseline | GFLOP | FLOP bound vs baseline | host share |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in r["median"]:
@@ -83,7 +83,7 @@ def to_markdown(r: dict, command: str, what: str) -> str:
             f"{r['flops'][name] / 1e9:.1f} | {bound:.3f}× | {'—' if host is None else f'{100 * host:.2f} %'} |"
         )
     lines.append("")
-    for name in ("key-step", "key-step, sequential"):
+    for name in [n for n in ("key-step", "key-step, sequential") if n in r["median"]]:
         speedup = base / r["median"][name]
         bound = r["flops"]["baseline"] / r["flops"][name]
         lines.append(
@@ -95,9 +95,9 @@ def to_markdown(r: dict, command: str, what: str) -> str:
     return "\n".join(lines)
 
 
-def report(r: dict, command: str, what: str, markdown: str | None) -> None:
+def report(r: dict, command: str, what: str, markdown: str | None, unit: str = "image") -> None:
     """Print the table (and the build time) and write it to ``markdown`` when given."""
-    emit(to_markdown(r, command, what) + f"\nBundle build: {r['build_seconds']:.1f} s.", markdown)
+    emit(to_markdown(r, command, what, unit) + f"\nBundle build: {r['build_seconds']:.1f} s.", markdown)
 
 
 def emit(text: str, markdown: str | None) -> None:

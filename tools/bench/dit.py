@@ -10,6 +10,7 @@ into a bundle by the normal ``build`` path, so both sides run exactly the same w
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -74,10 +75,16 @@ def run(preset: str, steps: int, repeats: int, guidance: float = 4.0) -> dict:
     work = Path(tempfile.mkdtemp(prefix="keystep-bench-"))
     transformer = make_diffusers_dit(preset, seed=0)
     transformer.save_pretrained(work / "transformer")
-    reference_scheduler = DDIMScheduler(**{k: v for k, v in DIT_TRAINING_SCHEDULE.items() if not k.startswith("_")})
+    # bundle and eager loop sample with diffusers' DDIM on DiT's betas, clipping x0 as random weights need (their
+    # unclipped samples grow to |x| ~ 1e3 and the two loops' float32 differences with them)
+    config = {"_class_name": "DDIMScheduler", **{k: v for k, v in DIT_TRAINING_SCHEDULE.items()
+                                                  if k in DDIMScheduler.__init__.__code__.co_varnames},
+              "clip_sample": True}
+    (work / "scheduler.json").write_text(json.dumps(config))
+    reference_scheduler = DDIMScheduler.from_config(config)
     t0 = time.perf_counter()
-    bundle_dir = build_dit_bundle(str(work / "transformer"), str(work / "bundle"), steps=steps, scheduler="ddim",
-                                  progress=lambda m: None)
+    bundle_dir = build_dit_bundle(str(work / "transformer"), str(work / "bundle"), steps=steps,
+                                  scheduler_config=str(work / "scheduler.json"), progress=lambda m: None)
     build_seconds = time.perf_counter() - t0
     sampler = DiTSampler(Bundle.load(bundle_dir), get_backend("onnxruntime"))
     labels = [207 % sampler.num_classes]

@@ -142,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         backends = {"onnxruntime CPU": get_backend("onnxruntime"),
                     "tensorrt": get_backend("tensorrt", device_id=args.device, cuda_graphs=False),
                     "tensorrt + CUDA graphs": get_backend("tensorrt", device_id=args.device, cuda_graphs=True)}
-        engines = check_engines(bundle, backends["tensorrt"])
-        timings = time_plans(bundle, backends, ("default", "all"), args.repeats)
+        try:
+            engines = check_engines(bundle, backends["tensorrt"])
+            timings = time_plans(bundle, backends, ("default", "all"), args.repeats)
+        finally:
+            for name in ("tensorrt", "tensorrt + CUDA graphs"):
+                backends[name].close()  # graphs, contexts, buffers, stream: the next model starts clean
         print(format_report(model, engines, timings))
         results[model] = {"engines": engines, "timings": timings}
         ok = ok and all(r["ok"] for r in engines)

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..cli.args import list_flag
 from .common import cpu_name
 from ..cli.tune import latent_psnr
 
@@ -232,8 +233,7 @@ def run(args) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["unet", "dit", "both"], default="both")
-    parser.add_argument("--backend", nargs="+", default=["onnxruntime", "openvino"],
-                        choices=["onnxruntime", "openvino"])
+    list_flag(parser, "--backend", default=["onnxruntime", "openvino"], choices=["onnxruntime", "openvino"])
     parser.add_argument("--preset", default="dit-s2", choices=["dit-s2", "dit-tiny"], help="DiT size")
     parser.add_argument("--size", type=int, default=128, help="UNet image height = width in pixels")
     parser.add_argument("--steps", type=int, default=50)

@@ -73,10 +73,12 @@ def describe_gpu(bundle: Bundle, options, images: int) -> dict:
     """What the plan costs a GPU backend: one CUDA graph and one set of I/O buffers per distinct call (decoders
     batched per group, as GPU backends run them), and the bundle's TensorRT engines if built."""
     calls = call_shapes(prepare_run(bundle, options, images, True, "full" in bundle.stages).calls)
-    try:
-        index = EngineIndex.load(bundle.root)
-    except EnginePlanError:
-        index = None
+    index, index_error = None, None
+    if EngineIndex.path(bundle.root).is_file():
+        try:
+            index = EngineIndex.load(bundle.root)
+        except EnginePlanError as exc:  # shown, not fatal: inspect is how one finds out what is wrong
+            index_error = str(exc)
     axes = index.axes if index else _axes_without_engines(bundle)
     try:
         buffers = None if axes is None else sum(b.bytes for b in buffer_plan(bundle, calls, axes))
@@ -86,7 +88,7 @@ def describe_gpu(bundle: Bundle, options, images: int) -> dict:
         "cuda_graphs": len(calls),
         "calls": [f"{c.runner}@{c.batch}" for c in calls],
         "io_buffer_bytes": buffers,
-        "engines": None if index is None else {
+        "engines": {"error": index_error} if index_error else None if index is None else {
             "tensorrt": index.tensorrt_version, "gpu": index.gpu, "targets": index.targets,
             "stages": {k: {"file": e.file, "min": e.profile["min"], "opt": e.profile["opt"], "max": e.profile["max"]}
                        for k, e in index.engines.items()}},
@@ -141,7 +143,8 @@ def format_description(d: dict) -> str:
     if d["split"] is not None:
         lines.append(f"split   encoder = blocks[:{d['split']}], decoder = blocks[{d['split']}:]")
     else:
-        lines.append("split   encoder = conv_in + down blocks + mid block, decoder = up blocks + output head")
+        temporal = " + transformer_in" if d["family"] == "unet3d" else ""
+        lines.append(f"split   encoder = conv_in{temporal} + down blocks + mid block, decoder = up blocks + output head")
     lines.append(f"sched   {d['scheduler'].get('_class_name')}")
     lines.append("stages")
     for name, s in d["stages"].items():
@@ -188,6 +191,9 @@ def format_gpu(g: dict) -> list[str]:
     engines = g["engines"]
     if engines is None:
         lines.append("        no TensorRT engines built (keystep engines BUNDLE, on the GPU machine)")
+        return lines
+    if "error" in engines:
+        lines.append(f"        TensorRT engine index unusable: {engines['error']}")
         return lines
     lines.append(f"        TensorRT {engines['tensorrt']} engines for {engines['gpu']}:")
     for name, e in engines["stages"].items():

@@ -4,44 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 
-import numpy as np
+from keystep.runtime.backends.base import backend_names
+from keystep.runtime.bundle import Bundle
+from keystep.runtime.errors import KeystepError
+from keystep.runtime.request import RequestError, validate_options
+from keystep.runtime.sampler import SamplingOptions
+from keystep.runtime.schedulers import SCHEDULERS
 
-from keystep.runtime.backends.base import BackendError, backend_names
-from keystep.runtime.bundle import Bundle, BundleError
-from keystep.runtime.dit_sampler import DiTSampler
-from keystep.runtime.sampler import SamplingError, SamplingOptions
-from keystep.runtime.plan import PlanError
-from keystep.runtime.schedulers import SCHEDULERS, SchedulerConfigError
-
+from .args import Parser, list_flag
 from .inspect_bundle import describe_bundle, format_description
 
 SCHEDULER_NAMES = sorted(SCHEDULERS)
 
+GENERATE_EXAMPLES = """sample images from a bundle
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors = [BundleError, PlanError, SamplingError, SchedulerConfigError, BackendError, FileExistsError]
-    try:  # export errors exist only where the export extra is installed
-        from keystep.export.errors import ModelLoadError
+a PNG from every shipped model (build once, then generate):
+  keystep build digits-dit --out dit && keystep generate dit --class 3 --out three.png
+  keystep build digits-dydit-0.5 --out dydit5 && keystep generate dydit5 --class 7 --out seven.png
+  keystep build digits-dydit-0.7 --out dydit7 && keystep generate dydit7 --class 1 2 --out digits.png
+  keystep build digits-sd --out sd && keystep generate sd --prompt "a handwritten 7" --out seven.png
 
-        errors.append(ModelLoadError)
-    except ImportError:
-        pass
-    from .profile import ProfileError
-    from .tune import TuneError
-
-    from keystep.runtime.engine_plan import EnginePlanError
-
-    errors += [ProfileError, TuneError, EnginePlanError]
-    try:  # the engine builder needs onnx (export extra)
-        from keystep.graphs.trt_build import EngineBuildError
-
-        errors.append(EngineBuildError)
-    except ImportError:
-        pass
-    return tuple(errors)
+several prompts or classes: repeat the flag or list values (--prompt "a 3" --prompt "a 7"; --class 1 2 --class 3);
+several images are written as NAME-0.png, NAME-1.png, ...; without --out an image bundle writes BUNDLE_NAME.png"""
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,34 +55,28 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU backends: plain execution instead of one CUDA graph per distinct call")
 
 
-GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt")
+def backend_options(args) -> dict:
+    """The backend's options from the flags (validated by keystep.runtime.pipeline.make_backend)."""
+    return {"threads": args.threads, "precision": args.precision, "device": args.device,
+            "cuda_graphs": args.cuda_graphs}
 
 
 def backend_from_args(args):
-    from keystep.runtime.backends.base import get_backend
+    from keystep.runtime.pipeline import make_backend
 
-    options = {"threads": args.threads}
-    if args.precision:
-        if args.backend != "openvino":
-            raise BackendError("--precision applies to --backend openvino (ONNX Runtime runs the graph's own types)")
-        options["precision"] = args.precision
-    if args.backend in GPU_BACKENDS:
-        options.update(device_id=args.device, cuda_graphs=args.cuda_graphs)
-    return get_backend(args.backend, **options)
+    return make_backend(args.backend, **backend_options(args))
+
+
+def plan_arguments(args) -> dict:
+    """The plan flags in the API's vocabulary (keystep.runtime.request)."""
+    return dict(num_inference_steps=args.steps, guidance_scale=args.guidance, key_steps=args.key_steps,
+                cache=args.cache, scheduler=args.scheduler, parallel=args.parallel,
+                max_decoder_batch=args.max_decoder_batch, noise_injection=False if args.no_noise_injection else None)
 
 
 def options_from_args(bundle: Bundle, args) -> SamplingOptions:
-    return SamplingOptions.from_bundle(
-        bundle,
-        num_steps=args.steps,
-        scheduler=args.scheduler,
-        key_steps=args.key_steps,
-        cache=args.cache,
-        guidance=args.guidance,
-        parallel=args.parallel,
-        max_decoder_batch=args.max_decoder_batch,
-        noise_injection=False if args.no_noise_injection else None,
-    )
+    """The plan the flags ask for, checked by the same layer the Python API uses."""
+    return validate_options(bundle, **plan_arguments(args))
 
 
 def cmd_build(args) -> int:
@@ -107,7 +88,7 @@ def cmd_build(args) -> int:
     environment = _trt_environment(args) if args.backend == "tensorrt" else None
     options = {} if args.guidance is None else {"guidance": args.guidance}
     width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip,
-             "cache": args.cache}
+             "cache": args.cache, "frames": args.frames}
     options.update({k: v for k, v in width.items() if v is not None})
     out = build_bundle(
         args.model,
@@ -130,56 +111,9 @@ def cmd_build(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    bundle = Bundle.load(args.bundle)
-    options = options_from_args(bundle, args)
-    init = None
-    if args.init_noise:
-        try:
-            init = np.load(args.init_noise)
-        except (OSError, ValueError) as exc:
-            raise SamplingError(f"cannot read --init-noise {args.init_noise}: {exc}") from None
-    if bundle.family == "unet":
-        from keystep.runtime.unet_sampler import UNetSampler, load_control_image
+    from .generate import cmd_generate as generate
 
-        sampler = UNetSampler(bundle, backend_from_args(args))
-        if not args.prompt:
-            raise SamplingError("a text-to-image bundle needs --prompt")
-        prompts = args.prompt * args.images if len(args.prompt) == 1 else args.prompt
-        control = None
-        if args.control_image:
-            h, w = sampler.output_size(args.height, args.width)
-            control = load_control_image(args.control_image, h, w)
-        result = sampler.sample(prompts, options, negative_prompt=args.negative_prompt, height=args.height,
-                                width=args.width, init_noise=init, seed=args.seed, control_image=control,
-                                control_scale=args.control_scale)
-    else:
-        if args.prompt:
-            raise SamplingError("this is a class-conditional bundle: use --class, not --prompt")
-        sampler = DiTSampler(bundle, backend_from_args(args))
-        result = sampler.sample(args.class_labels, options, init_noise=init, seed=args.seed)
-    if args.save_latents:
-        np.save(args.save_latents, result.latents.astype(np.float32))
-        print(f"wrote latents {args.save_latents}")
-    if args.out:
-        images = sampler.decode(result.latents)
-        if images is None:
-            raise SamplingError("this bundle has no vae_decoder stage to make images; use --save-latents")
-        for path in write_images(images, Path(args.out)):
-            print(f"wrote {path}")
-    plan = result.prepared.plan
-    kind = "baseline" if plan.baseline else f"{len(plan.key_steps)} key steps of {plan.num_steps}"
-    print(f"{kind}: {len(result.prepared.calls)} stage calls, {result.total_seconds:.2f} s sampling")
-    return 0
-
-
-def write_images(images: np.ndarray, out: Path) -> list[Path]:
-    from PIL import Image
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for path, image in zip(paths, images):
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-    return paths
+    return generate(args, backend_options(args), plan_arguments(args))
 
 
 def cmd_inspect(args) -> int:
@@ -208,7 +142,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine-plan", dest="engine_plans", action="append",
                    help="a plan the engines must serve (repeatable; default: the bundle's default plan and 'all'); "
                    "each engine's batch profile spans these plans' calls")
-    g.add_argument("--engine-images", type=int, nargs="+", default=[1], help="images per generate call to serve")
+    list_flag(g, "--engine-images", type=int, default=[1], help="images per generate call to serve (repeatable)")
     g.add_argument("--engine-max-decoder-batch", type=int, help="largest decoder batch the runs will use")
     g.add_argument("--engine-height", type=int, help="image height in pixels (UNet; default the model's)")
     g.add_argument("--engine-width", type=int, help="image width in pixels (UNet; default the model's)")
@@ -244,6 +178,24 @@ def cmd_engines(args) -> int:
     return build_engines_from_args(args.bundle, args)
 
 
+def cmd_triton(args) -> int:
+    from keystep.tools.serve.cli import cmd_triton as triton
+
+    return triton(args)
+
+
+def cmd_serve(args) -> int:
+    from keystep.tools.serve.cli import cmd_serve as serve
+
+    return serve(args)
+
+
+def cmd_request(args) -> int:
+    from keystep.tools.serve.client import cmd_request as request
+
+    return request(args)
+
+
 def cmd_models(args) -> int:
     from keystep.models import SHIPPED
 
@@ -271,7 +223,7 @@ def cmd_tune(args) -> int:
     classes = args.class_labels or list(range(min(4, bundle.model_config.get("num_classes", 0))))
     record = tune(bundle, sampler, options, args.target_speedup, args.budget_flops, args.by, args.method, args.seeds,
                   classes=classes if bundle.family == "dit" else None,
-                  prompts=(args.prompt or ["a photo", "a drawing"]) if bundle.family == "unet" else None,
+                  prompts=(args.prompt or ["a photo", "a drawing"]) if bundle.family != "dit" else None,
                   progress=lambda t: print(f"  tried {t.plan}: PSNR {t.psnr:.2f} dB", file=sys.stderr))
     if not args.dry_run:
         write_tuned_plan(bundle, record)
@@ -298,7 +250,7 @@ def cmd_check(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keystep", description="Deployment compiler for diffusion models.")
+    parser = Parser(prog="keystep", description="Deployment compiler for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="turn a model into a bundle (ONNX stages + manifest)")
@@ -314,6 +266,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="feature-caching stages to build: deep:ID[,ID...] (UNet, DeepCache branch ids "
                    "as in the deepcache package) or blocks:FIRST-LAST[,...] (DiT, block ranges skipped at cached steps)")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
+    p.add_argument("--frames", type=int, help="text-to-video: default frame count (FLOPs are counted at it; 16)")
     p.add_argument("--precision", help="stage graph precision: fp32 (default), fp16 or bf16 (every stage but the VAE; "
                    "norms, softmax and sin/cos stay fp32) or per stage, e.g. encoder=fp16,decoder=bf16")
     p.add_argument("--width", help="width profiles: none (dense), dydit (the checkpoint's routers; the default for "
@@ -330,20 +283,11 @@ def make_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("generate", help="sample images from a bundle")
-    p.add_argument("bundle")
-    p.add_argument("--out", help="image path (several images: NAME-i.png)")
-    p.add_argument("--class", dest="class_labels", type=int, nargs="+", default=[0], help="class label(s)")
-    p.add_argument("--prompt", nargs="+", help="prompt(s) for text-to-image bundles")
-    p.add_argument("--negative-prompt", help="negative prompt (CFG's unconditional text)")
-    p.add_argument("--images", type=int, default=1, help="images per prompt when one prompt is given")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
-    p.add_argument("--control-image", help="ControlNet conditioning image (e.g. a canny edge map)")
-    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-noise", help="z_T as a .npy of shape (images, C, H, W)")
-    p.add_argument("--save-latents", help="write the final latents (float32 .npy)")
+    p = sub.add_parser("generate", help="sample images from a bundle", description=GENERATE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .generate import add_generate_arguments
+
+    add_generate_arguments(p, list_flag)
     add_backend_arguments(p)
     add_plan_arguments(p)
     p.set_defaults(func=cmd_generate)
@@ -360,7 +304,7 @@ def make_parser() -> argparse.ArgumentParser:
                        "shapes that block CUDA graphs (warnings); exit 1 on any error")
     p.add_argument("bundle")
     p.add_argument("--stage", help="check this stage only")
-    p.add_argument("--static-axes", nargs="+", default=["batch"], metavar="AXIS",
+    list_flag(p, "--static-axes", default=["batch"], metavar="AXIS",
                    help="symbolic axes that will be fixed per CUDA graph, not warned about (default: batch)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
@@ -382,8 +326,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="search: try every plan kind the bundle has; similarity: key steps where encoder features "
                    "change most (one baseline run)")
     p.add_argument("--seeds", type=int, default=2, help="calibration seeds (each runs every class/prompt)")
-    p.add_argument("--class", dest="class_labels", type=int, nargs="+", help="calibration classes (DiT)")
-    p.add_argument("--prompt", nargs="+", help="calibration prompts (text-to-image)")
+    list_flag(p, "--class", dest="class_labels", type=int, help="calibration classes (DiT); repeatable")
+    list_flag(p, "--prompt", help="calibration prompts (text-to-image); repeatable")
     p.add_argument("--dry-run", action="store_true", help="report only; leave the manifest alone")
     p.add_argument("--json", action="store_true")
     add_backend_arguments(p)
@@ -402,6 +346,23 @@ def make_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.set_defaults(func=cmd_engines)
 
+    from keystep.tools.serve.cli import add_repository_arguments, add_serve_arguments
+    from keystep.tools.serve.client import add_request_arguments
+
+    p = sub.add_parser("triton", help="write a Triton Inference Server model repository for a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="the repository directory to write")
+    add_repository_arguments(p, list_flag, serving=False)
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("serve", help="serve a bundle with Triton Inference Server on this machine")
+    add_serve_arguments(p, list_flag)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("request", help="send one request to a keystep Triton model and write the images")
+    add_request_arguments(p, list_flag)
+    p.set_defaults(func=cmd_request)
+
     p = sub.add_parser("models", help="list the shipped models (usable wherever a model path is accepted)")
     p.set_defaults(func=cmd_models)
 
@@ -418,9 +379,20 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as exc:
+    except RequestError as exc:
+        print(f"keystep: error: {exc.for_cli()}", file=sys.stderr)
+    except (KeystepError, FileExistsError) as exc:
         print(f"keystep: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("keystep: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a keystep bug: one line for the user, the traceback on request
+        if os.environ.get("KEYSTEP_DEBUG"):
+            raise
+        print(f"keystep: internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              f" (run with KEYSTEP_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 3
+    return 2
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from keystep.runtime.bundle import Bundle, IOSpec, StageSpec
+from keystep.runtime.errors import KeystepError
 from keystep.runtime.sampler import SamplingError, SamplingOptions
 
 from ..bench.common import cpu_name
+from .args import list_flag
 
 # the order stages appear in tables and plots (only those that ran are shown)
 STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")
@@ -51,7 +53,7 @@ DEFAULT_PROMPT = "a photo"
 PEAK_SIZE = 1024
 
 
-class ProfileError(ValueError):
+class ProfileError(KeystepError, ValueError):
     """Bad profiling input (repeats < 1, a missing optional dependency, ...)."""
 
 
@@ -234,6 +236,7 @@ def profile_bundle(
     control_scale: float = 1.0,
     seed: int = 0,
     peak_size: int = PEAK_SIZE,
+    frames: int | None = None,
 ) -> dict:
     """Run every plan ``warmup + repeats`` times, interleaved, and return the profile as a JSON-able dict.
 
@@ -253,8 +256,14 @@ def profile_bundle(
         backend = get_backend("onnxruntime")
     options = options or SamplingOptions.from_bundle(bundle)
     sampler = profiled_sampler(bundle, backend)
-    run, settings, flops_scale = _workload(sampler, bundle, class_labels, prompts, negative_prompt, height, width,
-                                           control_image, control_scale, seed)
+    if bundle.family == "unet3d":
+        run, settings, flops_scale = _video_workload(sampler, class_labels, prompts, negative_prompt, height, width,
+                                                     frames, control_image, seed)
+    elif frames is not None:
+        raise SamplingError("--frames applies to text-to-video bundles")
+    else:
+        run, settings, flops_scale = _workload(sampler, bundle, class_labels, prompts, negative_prompt, height,
+                                               width, control_image, control_scale, seed)
     images = settings["images"]
     flops_note = settings.pop("flops_note", None)
     entries = resolve_plans(sampler, options, plans, both_decoder_modes, images)
@@ -264,10 +273,12 @@ def profile_bundle(
         flops = bundle.stage(stage).actual_flops(batch, mlp_tokens)
         if flops is None:
             return None
+        if isinstance(flops_scale, dict):  # per stage kind (text-to-video: the VAE's rows are frames already)
+            return flops * flops_scale.get(stage_kind(stage), 1.0)
         return flops * (flops_scale if stage_kind(stage) in SPATIAL_STAGES else 1.0)
 
     # load every session before timing (the runtime loads lazily, inside the first call)
-    needed = {"text_encoder"} if bundle.family == "unet" else set()
+    needed = {"text_encoder"} if bundle.family in ("unet", "unet3d") else set()
     for entry in entries:
         needed |= {c.runner for c in sampler.prepare(entry.options, images).calls}
     if settings.get("control"):  # the baseline runs encoder + decoder every step; the full graph is never used
@@ -368,6 +379,34 @@ def _workload(sampler, bundle, class_labels, prompts, negative_prompt, height, w
         return result, sampler.decode(result.latents)
 
     return run, {"images": len(labels), "class_labels": labels}, 1.0
+
+
+def _video_workload(sampler, class_labels, prompts, negative_prompt, height, width, frames, control_image, seed):
+    """:func:`_workload` for text-to-video bundles: FLOPs scale with frames x pixels (counted at the bundle's
+    default frame count and size)."""
+    if class_labels:
+        raise SamplingError("this is a text-to-video bundle: use --prompt, not --class")
+    if control_image is not None:
+        raise SamplingError("--control-image applies to text-to-image bundles with a ControlNet")
+    prompts = list(prompts or [DEFAULT_PROMPT])
+    h, w = sampler.output_size(height, width)
+    frames = frames or sampler.default_frames
+    dh, dw = sampler.default_size
+    area = (h * w) / (dh * dw)
+    scale = area * frames / sampler.default_frames
+
+    def run(options):
+        result = sampler.sample(prompts, options, negative_prompt=negative_prompt, height=h, width=w, seed=seed,
+                                num_frames=frames)
+        return result, sampler.decode(result.latents)
+
+    settings = {"images": len(prompts), "prompts": prompts, "negative_prompt": negative_prompt, "height": h,
+                "width": w, "frames": frames}
+    if scale != 1.0:
+        settings["flops_note"] = (f"FLOPs are counted at the model's default {sampler.default_frames} frames of "
+                                  f"{dh}x{dw}; scaled by frames x pixels to {frames} x {h}x{w} (approximate: "
+                                  f"attention grows faster)")
+    return run, settings, {**{kind: scale for kind in SPATIAL_STAGES}, "vae_decoder": area}
 
 
 def _run_once(sampler, run, options, stage_flops) -> dict:
@@ -761,11 +800,12 @@ def add_profile_arguments(p) -> None:
                    help="run each key-step plan with batched (--parallel) and sequential decoders")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="unmeasured rounds first (default 1)")
     p.add_argument("--repeats", type=positive_int, default=3, help="measured rounds (default 3)")
-    p.add_argument("--class", dest="class_labels", type=int, nargs="+", help="DiT class label(s) (default 0)")
-    p.add_argument("--prompt", nargs="+", help=f"prompt(s) for text-to-image bundles (default {DEFAULT_PROMPT!r})")
+    list_flag(p, "--class", dest="class_labels", type=int, help="DiT class label(s) (default 0); repeatable")
+    list_flag(p, "--prompt", help=f"prompt(s) for text-to-image bundles (default {DEFAULT_PROMPT!r}); repeatable")
     p.add_argument("--negative-prompt", help="negative prompt (CFG's unconditional text)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--frames", type=int, help="text-to-video: frames per video (default: the bundle's)")
     p.add_argument("--control-image", help="profile with ControlNet, conditioned on this image")
     p.add_argument("--control-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -786,7 +826,7 @@ def run_profile_command(args, bundle: Bundle, options: SamplingOptions, backend)
         warmup=args.warmup, repeats=args.repeats, class_labels=args.class_labels, prompts=args.prompt,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         control_image=args.control_image, control_scale=args.control_scale, seed=args.seed,
-        peak_size=args.peak_size)
+        peak_size=args.peak_size, frames=args.frames)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     if args.markdown:
         path = write_markdown(result, args.markdown)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from keystep.runtime.bundle import MANIFEST_NAME, Bundle
+from keystep.runtime.errors import KeystepError
+from keystep.runtime.manifest import check_manifest
 from keystep.runtime.plan import PlanError
 from keystep.runtime.sampler import SamplingOptions
 
@@ -34,7 +36,7 @@ KEY_STEP_INTERVALS = (2, 3, 4, 5, 6, 8, 10, 12, 16)
 CACHE_INTERVALS = (2, 3, 4, 5, 6, 8, 10)
 
 
-class TuneError(ValueError):
+class TuneError(KeystepError, ValueError):
     """A budget nothing meets, or a method the bundle cannot serve."""
 
 
@@ -189,6 +191,7 @@ def write_tuned_plan(bundle: Bundle, record: dict) -> None:
     manifest["default_plan"] = {**manifest["default_plan"], "num_steps": record["num_steps"],
                                 "key_steps": chosen.key_steps, "cache": chosen.cache}
     manifest["tuned"] = record
+    check_manifest(manifest)
     path = bundle.root / MANIFEST_NAME
     fd, tmp = tempfile.mkstemp(dir=bundle.root, prefix=".manifest-", suffix=".json")
     try:

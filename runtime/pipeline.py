@@ -1,0 +1,188 @@
+"""The embedded runtime: ``keystep.load(BUNDLE)`` and a call in diffusers' vocabulary.
+
+>>> import keystep
+>>> pipe = keystep.load("digits-sd-bundle")                       # backend="onnxruntime" by default
+>>> out = pipe(prompt="a handwritten 7", num_inference_steps=50, guidance_scale=2.0, seed=0)
+>>> out.images[0].save("seven.png")                              # PIL images; output_type="np" | "latent" too
+>>> pipe = keystep.load("digits-dit-bundle")
+>>> out = pipe(class_labels=[3, 7], seed=0, key_steps="uniform:6")  # class-conditional DiTs
+
+Torch-free (numpy + the backend). Every argument goes through :func:`keystep.runtime.request.validate_request`
+before a stage runs, the same layer the CLI and the Triton model use; bad input raises
+:class:`keystep.KeystepError` (a :class:`~keystep.runtime.request.RequestError` naming the argument).
+
+Threads: one pipeline may be called from many threads at once and gives each call exactly what a serial call gives.
+Each call has its own scheduler, noise and plan state; stage sessions are loaded once under a lock and shared where
+the backend's runner is thread-safe (ONNX Runtime CPU sessions; OpenVINO runners keep one infer request per
+thread) and serialised by a lock where it is not (the GPU backends' preallocated buffers and CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Backend, BackendError, get_backend
+from .bundle import Bundle
+from .plan import PlanError
+from .request import GenerationRequest, RequestError, check_threads, validate_request
+from .sampler import SampleResult
+from .samplers import sampler_for
+
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt")
+
+
+@dataclass
+class PipelineOutput:
+    """``images``: PIL images (``output_type="pil"``; text-to-video: a list of frames per video), float
+    (N, H, W, C) in [0, 1] (``"np"``; videos (N, F, H, W, C)) or the latents (``"latent"``). ``latents``: the final latents (N, C, h, w) float32, always. ``timing``: seconds per part."""
+
+    images: Any
+    latents: np.ndarray
+    timing: dict[str, float] = field(default_factory=dict)
+    plan: str = ""  # what ran, e.g. "uniform:6: 9 key steps of 50, 59 stage calls"
+
+    def __iter__(self):  # ``images, = pipe(..., return_dict=False)`` as in diffusers
+        return iter((self.images,))
+
+
+def make_backend(name: str = "onnxruntime", threads: int | None = None, precision: str | None = None,
+                 device: int = 0, cuda_graphs: bool = True) -> Backend:
+    """A backend by name with the options it understands (threads; OpenVINO precision; GPU device and graphs)."""
+    options: dict[str, Any] = {"threads": check_threads(threads)}
+    if precision is not None:
+        if name != "openvino":
+            raise BackendError("precision applies to the openvino backend (ONNX Runtime runs the graph's own types; "
+                               "build a bf16/fp16 bundle with keystep build --precision)")
+        options["precision"] = precision
+    if name in GPU_BACKENDS:
+        options.update(device_id=device, cuda_graphs=cuda_graphs)
+    return get_backend(name, **options)
+
+
+def load(bundle: str | Path | Bundle, backend: str | Backend = "onnxruntime", *, threads: int | None = None,
+         precision: str | None = None, device: int = 0, cuda_graphs: bool = True, verify: bool = True) -> "Pipeline":
+    """Load a bundle (verifying its manifest and file hashes) onto a backend: ``onnxruntime`` (default),
+    ``openvino`` (``precision="bf16"`` where the CPU has it), ``tensorrt``, ``onnxruntime-cuda``, ... Stage sessions
+    load on first use."""
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle, verify=verify)
+    if isinstance(backend, str):
+        backend = make_backend(backend, threads, precision, device, cuda_graphs)
+    return Pipeline(bundle, backend)
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, backend: Backend):
+        self.bundle = bundle
+        self.backend = backend
+        self.sampler = sampler_for(bundle, backend)
+
+    @property
+    def family(self) -> str:
+        return self.bundle.family
+
+    @property
+    def can_decode(self) -> bool:
+        """Whether the bundle makes images (a VAE stage, or a pixel-space model) rather than only latents."""
+        return self.sampler.can_decode
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        class_labels: int | list[int] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | np.random.Generator | None = None,
+        generator: np.random.Generator | None = None,
+        latents: np.ndarray | None = None,
+        output_type: str = "pil",
+        key_steps: str | list[int] | None = None,
+        cache: str | None = None,
+        scheduler: str | None = None,
+        parallel: bool | None = None,
+        max_decoder_batch: int | None = None,
+        noise_injection: bool | None = None,
+        control_image: np.ndarray | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        num_frames: int | None = None,
+        return_dict: bool = True,
+    ) -> PipelineOutput:
+        """Generate. Unset plan arguments (steps, guidance, key steps, cache, scheduler) take the bundle's default
+        plan. ``seed`` (an int, or a numpy Generator) or ``generator`` draws the initial noise, unless ``latents``
+        gives it. ``key_steps``: "all" (baseline), "default", "uniform:M" or a list of step indices."""
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "return_dict")}
+        request = self.validate(**arguments)
+        out = self.run(request)
+        return out if return_dict else tuple(out)
+
+    def validate(self, **arguments) -> GenerationRequest:
+        """The request these ``__call__`` arguments make, validated (its plan prepared too: a step no width engine
+        covers is refused here), without running it."""
+        request = validate_request(self.bundle, can_decode=self.can_decode, **arguments)
+        try:
+            self.sampler.prepare(request.options, request.images)
+        except PlanError as exc:
+            raise RequestError("key_steps", str(exc)) from None
+        return request
+
+    def run(self, request: GenerationRequest) -> PipelineOutput:
+        """Run a validated request: sample, then decode to the asked output type."""
+        start = time.perf_counter()
+        result = self._sample(request)
+        sampled = time.perf_counter()
+        images = result.latents
+        if request.output_type != "latent":
+            pixels = self.decode(result.latents)
+            if request.output_type == "np":
+                images = pixels.astype(np.float32) / 255.0
+            else:  # PIL images; for videos a list of frames per video, as diffusers' video pipelines return
+                images = [to_pil(v) for v in pixels] if pixels.ndim == 5 else to_pil(pixels)
+        end = time.perf_counter()
+        timing = {"total_s": end - start, "sampling_s": result.total_seconds, "stage_calls_s": sum(result.call_seconds),
+                  "host_s": result.host_seconds, "decode_s": end - sampled,
+                  "conditioning_s": sampled - start - result.total_seconds}
+        return PipelineOutput(images, result.latents, timing, describe_run(result))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Final latents -> uint8 images (N, H, W, C), or frames (N, F, H, W, C) for text-to-video bundles."""
+        if not self.can_decode:
+            raise RequestError("output_type", "this bundle makes latents, not images (no vae_decoder stage)")
+        return self.sampler.decode(latents)
+
+    def _sample(self, r: GenerationRequest) -> SampleResult:
+        if self.family == "unet3d":
+            return self.sampler.sample(r.prompts, r.options, negative_prompt=r.negative_prompts, height=r.height,
+                                       width=r.width, init_noise=r.latents, seed=r.seed, generator=r.generator,
+                                       num_frames=r.num_frames)
+        if self.family == "unet":
+            return self.sampler.sample(r.prompts, r.options, negative_prompt=r.negative_prompts, height=r.height,
+                                       width=r.width, init_noise=r.latents, seed=r.seed, generator=r.generator,
+                                       control_image=r.control_image, control_scale=r.control_scale)
+        return self.sampler.sample(r.class_labels, r.options, init_noise=r.latents, seed=r.seed, generator=r.generator)
+
+
+def describe_run(result: SampleResult) -> str:
+    plan = result.prepared.plan
+    kind = "baseline" if plan.baseline else f"{len(plan.key_steps)} key steps of {plan.num_steps}"
+    if result.prepared.cache is not None:
+        kind += f", cache {result.prepared.cache.spec}"
+    return f"{plan.spec or 'default'}: {kind}, {len(result.prepared.calls)} stage calls"
+
+
+def to_pil(pixels: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+
+
+__all__ = ["Pipeline", "PipelineOutput", "RequestError", "load", "make_backend"]

@@ -1,0 +1,343 @@
+"""One validation layer for what a caller asks of a bundle: the Python API, the CLI and the Triton model all pass
+their inputs through :func:`validate_request` before any stage runs, so they refuse the same things with the same
+messages.
+
+Errors are :class:`RequestError` and name the argument in the Python API's vocabulary (diffusers' names:
+``num_inference_steps``, ``guidance_scale``, ...); the CLI translates the name into its flag (``--steps``) with
+:data:`CLI_FLAGS`, the server into its input tensor's name.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import KeystepError
+from .plan import PlanError, parse_cache, parse_key_steps
+from .sampler import SamplingOptions
+from .schedulers import SCHEDULERS, make_scheduler
+
+MAX_IMAGES = 64  # per call: every image's rows run through every stage at once
+MAX_PROMPT_CHARS = 10_000
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1  # fits Triton's INT64 seed input
+MAX_THREADS = 1024
+MAX_PIXELS = 8192
+OUTPUT_TYPES = ("pil", "np", "latent")
+TEXT_FAMILIES = ("unet", "unet3d")  # prompt-conditioned (text-to-image, text-to-video)
+MAX_FRAMES = 1024
+
+# the API's argument -> the CLI flag that sets it (for CLI error messages)
+CLI_FLAGS = {
+    "prompt": "--prompt", "negative_prompt": "--negative-prompt", "class_labels": "--class",
+    "num_images_per_prompt": "--images", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+    "height": "--height", "width": "--width", "seed": "--seed", "latents": "--init-noise",
+    "key_steps": "--key-steps", "cache": "--cache", "scheduler": "--scheduler", "max_decoder_batch":
+    "--max-decoder-batch", "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
+    "threads": "--threads", "output_type": "--out", "num_frames": "--frames", "fps": "--fps",
+}
+
+
+class RequestError(KeystepError, ValueError):
+    """A bad argument: ``field`` is the API's name for it, the message says what is wrong with it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def for_cli(self) -> str:
+        return f"{CLI_FLAGS.get(self.field, self.field)}: {self.message}"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: every field checked against the bundle, ready for the sampler."""
+
+    options: SamplingOptions
+    images: int
+    prompts: list[str] | None = None  # text-to-image: one per image
+    negative_prompts: list[str] | None = None  # one per image, or None (the empty prompt)
+    class_labels: list[int] | None = None  # class-conditional: one per image
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    generator: np.random.Generator | None = None
+    latents: np.ndarray | None = None
+    output_type: str = "pil"
+    control_image: np.ndarray | None = None
+    control_scale: float = 1.0
+    num_frames: int | None = None  # text-to-video: frames per video
+
+
+def check_int(field: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RequestError(field, f"must be an integer, got {_show(value)}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"in {low}..{high}"
+        raise RequestError(field, f"must be {bound}, got {value}")
+    return value
+
+
+def check_float(field: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RequestError(field, f"must be a number, got {_show(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RequestError(field, f"must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise RequestError(field, f"must be in [{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+def check_threads(threads: Any) -> int | None:
+    return None if threads is None else check_int("threads", threads, 1, MAX_THREADS)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _as_list(field: str, value: Any, item_type: type | tuple) -> list:
+    items = [value] if isinstance(value, item_type) or not isinstance(value, (list, tuple, np.ndarray)) else list(value)
+    if not items:
+        raise RequestError(field, "is empty")
+    if len(items) > MAX_IMAGES:
+        raise RequestError(field, f"{len(items)} entries; at most {MAX_IMAGES} images per call")
+    return items
+
+
+def check_prompts(field: str, value: Any, allow_empty: bool) -> list[str]:
+    prompts = _as_list(field, value, str)
+    for p in prompts:
+        if not isinstance(p, str):
+            raise RequestError(field, f"must be text, got {_show(p)}")
+        if not allow_empty and not p.strip():
+            raise RequestError(field, "is empty (an empty prompt is the unconditional text; say what to draw)")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise RequestError(field, f"has {len(p)} characters; at most {MAX_PROMPT_CHARS}")
+    return prompts
+
+
+def check_steps(bundle: Bundle, steps: Any, scheduler: str | None) -> int:
+    """Within what the bundle's scheduler can space: the scheduler itself says (DDIM at most its training steps)."""
+    steps = check_int("num_inference_steps", steps, 1)
+    sched = make_scheduler(bundle.scheduler_config, scheduler)
+    if steps > sched.num_train_timesteps:  # no scheduler spaces more steps than it was trained with usefully
+        raise RequestError("num_inference_steps", f"{steps} steps; this scheduler has {sched.num_train_timesteps} "
+                           f"training timesteps, the most a plan can use")
+    try:
+        sched.set_timesteps(steps)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise RequestError("num_inference_steps", f"{steps} steps do not fit the scheduler: {exc}") from None
+    return steps
+
+
+def validate_request(
+    bundle: Bundle,
+    *,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    class_labels: int | Sequence[int] | None = None,
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | np.random.Generator | None = None,
+    generator: np.random.Generator | None = None,
+    latents: np.ndarray | None = None,
+    output_type: str = "pil",
+    key_steps: str | Sequence[int] | None = None,
+    cache: str | None = None,
+    scheduler: str | None = None,
+    parallel: bool | None = None,
+    max_decoder_batch: int | None = None,
+    noise_injection: bool | None = None,
+    control_image: np.ndarray | None = None,
+    controlnet_conditioning_scale: float = 1.0,
+    num_frames: int | None = None,
+    can_decode: bool = True,
+) -> GenerationRequest:
+    """Check every argument against ``bundle`` (its family, classes, scheduler, sizes, stages, cache variants)."""
+    text = bundle.family in TEXT_FAMILIES
+    if bundle.family == "unet3d":
+        num_frames = check_int("num_frames", bundle.model_config["num_frames"] if num_frames is None else num_frames,
+                               1, MAX_FRAMES)
+    elif num_frames is not None:
+        raise RequestError("num_frames", "applies to text-to-video bundles")
+    # --- what to generate --------------------------------------------------------------------------------------
+    prompts = negatives = labels = None
+    per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 1, MAX_IMAGES)
+    if text:
+        if class_labels is not None:
+            raise RequestError("class_labels", "this is a text-to-image bundle: it takes a prompt, not class labels")
+        if prompt is None:
+            raise RequestError("prompt", "a text-to-image bundle needs a prompt")
+        prompts = [p for p in check_prompts("prompt", prompt, allow_empty=False) for _ in range(per_prompt)]
+        if negative_prompt is not None:
+            negatives = check_prompts("negative_prompt", negative_prompt, allow_empty=True)
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            elif len(negatives) * per_prompt == len(prompts):
+                negatives = [n for n in negatives for _ in range(per_prompt)]
+            else:
+                raise RequestError("negative_prompt", f"{len(negatives)} negative prompts for "
+                                   f"{len(prompts) // per_prompt} prompts (give one, or one per prompt)")
+        images = len(prompts)
+    else:
+        if prompt is not None or negative_prompt is not None:
+            raise RequestError("prompt", "this is a class-conditional bundle: it takes class labels, not a prompt")
+        if class_labels is None:
+            raise RequestError("class_labels", "a class-conditional bundle needs class_labels")
+        num_classes = bundle.model_config["num_classes"]
+        labels = []
+        for c in _as_list("class_labels", class_labels, numbers.Integral):
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+                raise RequestError("class_labels", f"class labels are integers, got {_show(c)}")
+            if not 0 <= int(c) < num_classes:
+                raise RequestError("class_labels", f"unknown class {int(c)}: this model has classes 0..{num_classes - 1}")
+            labels.extend([int(c)] * per_prompt)
+        images = len(labels)
+    if images > MAX_IMAGES:
+        raise RequestError("num_images_per_prompt", f"{images} images in one call; at most {MAX_IMAGES}")
+    options = validate_options(bundle, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               key_steps=key_steps, cache=cache, scheduler=scheduler, parallel=parallel,
+                               max_decoder_batch=max_decoder_batch, noise_injection=noise_injection)
+    rows = images * (2 if options.guidance > 1 else 1)
+    if options.max_decoder_batch is not None and options.max_decoder_batch < rows:
+        raise RequestError("max_decoder_batch", f"{options.max_decoder_batch} is below one step's rows "
+                           f"({rows} = images x CFG)")
+    # --- sizes, noise, output ----------------------------------------------------------------------------------
+    height, width = check_size(bundle, height, width)
+    if generator is not None and seed is not None:
+        raise RequestError("generator", "give a seed or a generator, not both")
+    if isinstance(seed, np.random.Generator):
+        seed, generator = None, seed
+    if generator is not None and not isinstance(generator, np.random.Generator):
+        raise RequestError("generator", f"must be a numpy.random.Generator, got {type(generator).__name__}")
+    seed = 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
+    if latents is not None:
+        latents = check_latents(bundle, latents, images, height, width, num_frames)
+    if output_type not in OUTPUT_TYPES:
+        raise RequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {_show(output_type)}")
+    if output_type != "latent" and not can_decode:
+        raise RequestError("output_type", "this bundle makes latents, not images (no vae_decoder stage): "
+                           "ask for output_type='latent'")
+    scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale, -100.0, 100.0)
+    if control_image is not None:
+        if "controlnet" not in bundle.stages:
+            raise RequestError("control_image", "this bundle has no ControlNet stage (build it with --controlnet)")
+        control_image = check_control_image(control_image, images, height, width)
+    return GenerationRequest(options, images, prompts, negatives, labels, height, width, seed, generator, latents,
+                             output_type, control_image, scale, num_frames)
+
+
+def validate_options(
+    bundle: Bundle,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    key_steps: str | Sequence[int] | None = None,
+    cache: str | None = None,
+    scheduler: str | None = None,
+    parallel: bool | None = None,
+    max_decoder_batch: int | None = None,
+    noise_injection: bool | None = None,
+) -> SamplingOptions:
+    """The plan a call runs: the bundle's default plan with these overrides, each checked (steps the scheduler can
+    space, finite guidance, a key-step or cache spec that fits the steps and the bundle's cache variants)."""
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise RequestError("scheduler", f"unknown scheduler {_show(scheduler)}; available: {', '.join(sorted(SCHEDULERS))}")
+    if key_steps is not None and not isinstance(key_steps, str):
+        key_steps = [check_int("key_steps", s, 0) for s in _as_list("key_steps", key_steps, str)]
+    if cache is not None and not isinstance(cache, str):
+        raise RequestError("cache", f"must be a spec like deep0:uniform:3, got {_show(cache)}")
+    if max_decoder_batch is not None:
+        check_int("max_decoder_batch", max_decoder_batch, 1)
+    for field, value in (("parallel", parallel), ("noise_injection", noise_injection)):
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(field, f"must be true or false, got {_show(value)}")
+    options = SamplingOptions.from_bundle(
+        bundle, num_steps=num_inference_steps, guidance=guidance_scale, key_steps=key_steps, cache=cache,
+        scheduler=scheduler, parallel=parallel, max_decoder_batch=max_decoder_batch, noise_injection=noise_injection)
+    steps = check_steps(bundle, options.num_steps, options.scheduler)
+    guidance = check_float("guidance_scale", options.guidance, 0.0, MAX_GUIDANCE)
+    try:
+        parse_key_steps(options.key_steps, steps, bundle.family)
+    except PlanError as exc:
+        raise RequestError("key_steps", str(exc)) from None
+    try:
+        parse_cache(options.cache, steps, list(bundle.cache_variants))
+    except PlanError as exc:
+        raise RequestError("cache", str(exc)) from None
+    return replace(options, num_steps=steps, guidance=guidance)
+
+
+def image_size(bundle: Bundle) -> tuple[int, int]:
+    """The size a bundle's images come out at by default: (height, width) in pixels."""
+    cfg = bundle.model_config
+    if bundle.family in TEXT_FAMILIES:
+        return tuple(s * cfg["vae_scale_factor"] for s in cfg["sample_size"])
+    if "vae_decoder" in bundle.stages:  # a DiT's VAE stage is exported at its one latent size: static axes
+        height, width = bundle.stage("vae_decoder").outputs[0].shape[-2:]
+        return height, width
+    return cfg["input_size"], cfg["input_size"]
+
+
+def check_size(bundle: Bundle, height: Any, width: Any) -> tuple[int | None, int | None]:
+    """UNets take multiples of what their down path divides by; a DiT makes exactly its trained size."""
+    default = image_size(bundle)
+    unet = bundle.family in TEXT_FAMILIES
+    if height is None and width is None:
+        return default if unet else (None, None)
+    h = default[0] if height is None else check_int("height", height, 1, MAX_PIXELS)
+    w = default[1] if width is None else check_int("width", width, 1, MAX_PIXELS)
+    if not unet:
+        if (h, w) != default:
+            field = "height" if h != default[0] else "width"
+            raise RequestError(field, f"this DiT makes {default[0]}x{default[1]} images only, got {h}x{w}")
+        return None, None
+    cfg = bundle.model_config
+    multiple = cfg["vae_scale_factor"] * 2 ** (cfg["num_levels"] - 1)
+    for field, v in (("height", h), ("width", w)):
+        if v % multiple:
+            raise RequestError(field, f"must be a multiple of {multiple} for this UNet (its VAE and down path "
+                               f"divide by that), got {v}")
+    return h, w
+
+
+def check_latents(bundle: Bundle, latents: Any, images: int, height: int | None, width: int | None,
+                  frames: int | None = None) -> np.ndarray:
+    cfg = bundle.model_config
+    if bundle.family in TEXT_FAMILIES:
+        f = cfg["vae_scale_factor"]
+        shape = (images, cfg["in_channels"], *((frames,) if frames else ()), height // f, width // f)
+    else:
+        shape = (images, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    array = np.asarray(latents)
+    if array.shape != shape:
+        layout = "videos, channels, frames, height, width" if frames else "images, channels, height, width"
+        raise RequestError("latents", f"shape {array.shape}, expected {shape} ({layout})")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise RequestError("latents", f"must be floating point, got {array.dtype}")
+    if not np.isfinite(array).all():
+        raise RequestError("latents", "contains NaN or infinity")
+    return array.astype(np.float32)
+
+
+def check_control_image(image: Any, images: int, height: int, width: int) -> np.ndarray:
+    image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all():
+        raise RequestError("control_image", "must be finite floats in [0, 1]")
+    if image.ndim == 3:
+        image = np.broadcast_to(image[None], (images, *image.shape))
+    if image.shape != (images, 3, height, width):
+        raise RequestError("control_image", f"shape {image.shape}, expected ({images}, 3, {height}, {width})")
+    return np.ascontiguousarray(image, dtype=np.float32)
