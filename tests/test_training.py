@@ -1,5 +1,7 @@
 """Training helpers: timestep samplers vs the SpeeDiT/SpeeD formulas, smoke runs of every training loop, the metrics."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -132,11 +134,51 @@ def test_demo_end_to_end(tmp_path):
     assert [r["plan"] for r in rows] == ["baseline", "key-step", "DyDiT 0.5 profiles", "DyDiT 0.5 + key-step",
                                          "text-to-image baseline", "text-to-image key-step"]
     assert rows[0]["accuracy"] >= 0.85 and all(r["speedup"] > 1 for r in rows[1:4])
+    # issue 18: DyDiT + its default plan keeps the dense baseline's quality (the first 800-iteration checkpoint: -10)
+    assert rows[3]["accuracy"] >= rows[0]["accuracy"] - 0.05
     sd_base, sd_keys = rows[4:]
     assert sd_base["speedup"] == 1 and sd_base["psnr_vs_baseline"] is None and sd_base["accuracy"] >= 0.8
     assert sd_keys["speedup"] > 1 and sd_keys["baseline"] == "digits-sd"
     assert (tmp_path / "demo.md").is_file() and (tmp_path / "demo-plot.png").is_file()
     assert len(list(tmp_path.glob("*.png"))) == 7
+
+
+def test_demo_rebuilds_a_cached_bundle_when_the_shipped_weights_change(tmp_path, monkeypatch):
+    """A keystep-demo/ directory from before a model was retrained must not show the old model's numbers."""
+    import hashlib
+
+    import keystep.export.build
+    from keystep.models import shipped
+    from keystep.tools.cli import demo
+
+    entry = shipped("digits-dydit-0.5")
+    assert demo.weights_digest("digits-dydit-0.5") == hashlib.sha256(entry.path.read_bytes()).hexdigest()
+
+    builds, weights = [], {"digits-dydit-0.5": "old"}
+
+    def fake_build(model, out, steps, progress):  # the control flow only: a real build is the slow demo test
+        builds.append(model)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / demo.MANIFEST_NAME).write_text("{}")
+
+    class FakeBundle:
+        def __init__(self, steps):
+            self.default_plan = {"num_steps": steps}
+
+        @staticmethod
+        def load(path):
+            return FakeBundle(20)
+
+    monkeypatch.setattr(keystep.export.build, "build_bundle", fake_build)
+    monkeypatch.setattr(demo, "Bundle", FakeBundle)
+    monkeypatch.setattr(demo, "weights_digest", lambda model: weights[model])
+    demo.bundle_for("digits-dydit-0.5", tmp_path, 20)
+    demo.bundle_for("digits-dydit-0.5", tmp_path, 20)
+    assert builds == ["digits-dydit-0.5"]  # cached for the same weights
+    weights["digits-dydit-0.5"] = "new"
+    demo.bundle_for("digits-dydit-0.5", tmp_path, 20)
+    assert builds == ["digits-dydit-0.5"] * 2
+    assert (tmp_path / "bundles" / "digits-dydit-0.5.weights-sha256").read_text().strip() == "new"
 
 
 def _assert_identical(a, b):
