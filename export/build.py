@@ -161,8 +161,11 @@ def build_unet_bundle(
     guidance: float | None = None,
     cache: str | None = None,
     precision: str | None = None,
+    full: bool = True,
     progress=print,
 ) -> Path:
+    """``full=False`` leaves out the ``full`` graph (for large models it doubles the bundle's weights): the baseline
+    plan then runs encoder + decoder at every step; cache plans need it."""
     precisions = PrecisionPlan.parse(precision)
     from .unet_export import load_controlnet, load_sd_pipeline_dir, unet_model_config, unet_stages
 
@@ -171,6 +174,8 @@ def build_unet_bundle(
     guidance = guidance if guidance is not None else tuned.get("guidance", 7.5)
     loaded = load_sd_pipeline_dir(resolve_model_path(model))
     branches = parse_cache_variants(cache, "unet")
+    if branches and not full:
+        raise ModelLoadError("--cache needs the full stage (its full steps refresh the cache): drop --no-full")
     control = load_controlnet(controlnet) if controlnet else None
     key_steps = key_steps or tuned.get("key_steps", "default")
     parse_key_steps(key_steps, steps, "unet")
@@ -185,11 +190,81 @@ def build_unet_bundle(
     }
     if branches:
         fields["cache"] = cache_manifest(branches)
-    stages = unet_stages(loaded, control, branches)
+    stages = unet_stages(loaded, control, branches, full=full)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = tokenizer_asset(loaded.tokenizer_dir, Path(scratch))
-        return write_bundle(Path(out), stages, fields, progress=progress, assets={"tokenizer": tokenizer},
-                            precision=precisions)
+        assets = {"tokenizer": tokenizer_asset(loaded.tokenizer_dir, Path(scratch) / "1")}
+        if loaded.tokenizer_2_dir is not None:  # SDXL's second CLIP tokenizer (OpenCLIP bigG: pad token "!")
+            assets["tokenizer_2"] = tokenizer_asset(loaded.tokenizer_2_dir, Path(scratch) / "2")
+        return write_bundle(Path(out), stages, fields, progress=progress, assets=assets, precision=precisions)
+
+
+def build_if_bundle(
+    model: str,
+    out: str,
+    super_resolution: list[str] = (),
+    scheduler: str | None = None,
+    scheduler_config: str | None = None,
+    steps: int | None = None,
+    key_steps: str | None = None,
+    guidance: float | None = None,
+    cache: str | None = None,
+    precision: str | None = None,
+    full: bool = True,
+    progress=print,
+) -> Path:
+    """A DeepFloyd-IF cascade bundle (:mod:`keystep.export.if_export`): stage I from ``model`` (an IFPipeline
+    directory), one super-resolution stage per ``super_resolution`` directory. Plan flags given apply to every
+    diffusion stage; otherwise each keeps its pipeline's defaults (stage I 100 steps, guidance 7; stage II 50 steps,
+    guidance 4, noise level 250). ``precision``: everywhere, or per stage as ``text_encoder=P`` and
+    ``stage_N.STAGE=P``."""
+    from .bundle_writer import NestedBundle
+    from .if_export import (IF_DEFAULTS, IF_TEXT_LEN, if_stage_model_config, if_unet_stages, load_if_cascade,
+                            t5_stage, t5_tokenizer_asset)
+
+    precisions = PrecisionPlan.parse(precision)
+    loaded = load_if_cascade(resolve_model_path(model), list(super_resolution))
+    branches = parse_cache_variants(cache, "unet")
+    if branches and not full:
+        raise ModelLoadError("--cache needs the full stage (its full steps refresh the cache): drop --no-full")
+    nested, parts = {}, []
+    for i, stage in enumerate(loaded.stages, start=1):
+        name = f"stage_{i}"
+        defaults = IF_DEFAULTS[stage.role]
+        num_steps = steps or defaults["num_steps"]
+        # FasterDiffusion's IF release propagates the encoder in stage I only (runtime.plan.if_default_key_steps)
+        plan_keys = key_steps or ("default" if stage.role == "base" else "all")
+        parse_key_steps(plan_keys, num_steps, "if")
+        plan = {"num_steps": num_steps, "key_steps": plan_keys,
+                "guidance": guidance if guidance is not None else defaults["guidance"], **UNET_NOISE_INJECTION}
+        if "noise_level" in defaults:
+            plan["noise_level"] = defaults["noise_level"]
+        fields = {
+            "family": "if",
+            "model_config": if_stage_model_config(stage),
+            "source": {"kind": "diffusers-pipeline", "path": str(stage.path.resolve())},
+            "scheduler": resolve_scheduler_config(stage.scheduler_config, scheduler_config, scheduler),
+            "default_plan": plan,
+        }
+        for branch in branches:
+            branch.check(stage.unet)
+        if branches:
+            fields["cache"] = cache_manifest(branches)
+        nested[name] = NestedBundle(if_unet_stages(stage, branches, full), fields, precision=precisions.part(name))
+        parts.append({"name": name, "role": stage.role})
+    t5 = loaded.text_encoder.config
+    fields = {
+        "family": "cascade",
+        "model_config": {"pipeline": "deepfloyd-if", "text_len": IF_TEXT_LEN, "text_dim": t5.d_model,
+                         "vocab_size": t5.vocab_size},
+        "source": {"kind": "diffusers-pipeline", "path": str(Path(resolve_model_path(model)).resolve()),
+                   "super_resolution": [str(Path(p).resolve()) for p in super_resolution]},
+        "cascade": parts,  # each diffusion stage has its own scheduler and plan (in its sub-bundle)
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = t5_tokenizer_asset(loaded.tokenizer_dir, Path(scratch))
+        return write_bundle(Path(out), [t5_stage(loaded.text_encoder)], fields, progress=progress,
+                            assets={"tokenizer": tokenizer}, precision=precisions.outside(list(nested)),
+                            nested=nested)
 
 
 def is_unet_pipeline(model: str) -> bool:
@@ -204,12 +279,31 @@ def is_video_model(model: str) -> bool:
     return is_video_pipeline(json.loads((path / "model_index.json").read_text()), path)
 
 
-def build_bundle(model: str, out: str, controlnet: str | None = None, **options) -> Path:
-    """Dispatch on the model kind: a diffusers SD-style directory (has a unet) or a DiT."""
+def build_bundle(model: str, out: str, controlnet: str | None = None, super_resolution: list[str] = (),
+                 **options) -> Path:
+    """Dispatch on the model kind: a DeepFloyd-IF directory (a cascade), a text-to-video UNet3D directory, a
+    diffusers SD-style directory (has a unet) or a DiT. ``steps=None`` keeps the model kind's default (50; IF: its
+    pipelines')."""
+    from .if_export import is_if_pipeline
+
+    if options.get("steps", 0) is None:
+        options.pop("steps")
     frames = options.pop("frames", None)
+    if is_if_pipeline(resolve_model_path(model)):
+        given = [k for k in ("width", "max_profiles", "token_skip") if options.get(k) is not None]
+        if given or controlnet:
+            raise ModelLoadError(f"--{(given or ['controlnet'])[0].replace('_', '-')} does not apply to IF cascades")
+        if frames is not None:
+            raise ModelLoadError("--frames applies to text-to-video (UNet3D) models only")
+        options.pop("split", None), options.pop("num_heads", None)
+        return build_if_bundle(model, out, super_resolution=super_resolution, **options)
+    if super_resolution:
+        raise ModelLoadError("--super-resolution applies to DeepFloyd-IF (IFPipeline) models only")
     if is_unet_pipeline(model) and is_video_model(model):
         from .unet3d_export import build_video_bundle
 
+        if not options.pop("full", True):
+            raise ModelLoadError("--no-full applies to 2-D UNets (SD, SDXL, IF), not text-to-video bundles")
         return build_video_bundle(model, out, controlnet=controlnet, frames=frames, **options)
     if frames is not None:
         raise ModelLoadError("--frames applies to text-to-video (UNet3D) models only")
@@ -221,4 +315,6 @@ def build_bundle(model: str, out: str, controlnet: str | None = None, **options)
         return build_unet_bundle(model, out, controlnet=controlnet, **options)
     if controlnet:
         raise ModelLoadError("--controlnet applies to UNet (Stable Diffusion) models only")
+    if not options.pop("full", True):
+        raise ModelLoadError("--no-full applies to UNet (Stable Diffusion) models only")
     return build_dit_bundle(model, out, **options)

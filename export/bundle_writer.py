@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -53,9 +54,9 @@ def export_stage(stage: StageDef, out_dir: Path) -> list[Path]:
         {axis: export_dim(d) for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in stage.inputs
     )
     params = list(inspect.signature(stage.module.forward).parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):  # forward(self, a, *rest): torch.export nests *rest
-        named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-        dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])
+    named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    if any(p.kind is p.VAR_POSITIONAL for p in params) and len(dynamic_shapes) > named:
+        dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])  # forward(self, a, *rest): nests *rest
     size = sum(p.numel() * p.element_size() for p in stage.module.parameters())
     external = size > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet_torch_onnx():
@@ -135,49 +136,73 @@ def stage_manifest_entry(stage: StageDef, files: list[Path], root: Path) -> dict
     return entry
 
 
+@dataclass
+class NestedBundle:
+    """A complete bundle written into a sub-directory of another (a cascade's diffusion stages)."""
+
+    stages: list[StageDef]
+    manifest_fields: dict
+    assets: dict[str, Path] = field(default_factory=dict)
+    precision: PrecisionPlan = field(default_factory=PrecisionPlan)
+
+
 def write_bundle(
     out: Path, stages: list[StageDef], manifest_fields: dict, progress=print, assets: dict[str, Path] | None = None,
-    precision: PrecisionPlan = PrecisionPlan(),
+    precision: PrecisionPlan = PrecisionPlan(), nested: dict[str, NestedBundle] | None = None,
 ) -> Path:
     """Export every stage into a temp dir next to ``out``, write the manifest, then rename into place.
 
     ``assets`` are directories copied into the bundle under their name (e.g. the tokenizer), hashed like stages.
     ``precision`` says which stages are converted to fp16/bf16 after their export (the manifest records it).
+    ``nested`` bundles are written into sub-directories of that name first (each with its own manifest).
     A failure at any point removes the temp dir, so ``out`` is either the complete new bundle or untouched.
     """
     converted = precision.resolve([s.name for s in stages])  # a bad stage name fails before any export
+    for part in (nested or {}).values():
+        part.precision.resolve([s.name for s in part.stages])
     out = Path(out).resolve()
     if out.exists() and not (out / MANIFEST_NAME).is_file():
         raise FileExistsError(f"{out} exists and is not a bundle; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        entries = {}
-        for stage in stages:
-            progress(f"exporting stage {stage.name} ...")
-            files = export_stage(stage, tmp)
-            report = None
-            if stage.name in converted:
-                progress(f"converting stage {stage.name} to {converted[stage.name]} ...")
-                sizes = {"batch": SAMPLE_BATCH, **stage.trace_sizes}
-                report = convert_stage(stage, files[0], converted[stage.name], sizes)
-            entries[stage.name] = stage_manifest_entry(stage, files, tmp)
-            if report:
-                entries[stage.name]["precision"] = report
-        copied = {}
-        for name, src in (assets or {}).items():
-            shutil.copytree(src, tmp / name)
-            copied[name] = [
-                {"path": str(f.relative_to(tmp)), "sha256": sha256_file(f)} for f in sorted((tmp / name).rglob("*"))
-                if f.is_file()
-            ]
-        manifest = {"schema_version": SCHEMA_VERSION, **manifest_fields, "stages": entries}
-        if copied:
-            manifest["assets"] = copied
-        check_manifest(manifest)  # the runtime's schema: a build never writes a bundle the runtime refuses
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        for name, part in (nested or {}).items():
+            progress(f"writing {name}/ ...")
+            (tmp / name).mkdir()
+            _write_contents(tmp / name, part.stages, part.manifest_fields, part.assets,
+                            part.precision.resolve([s.name for s in part.stages]), progress)
+        _write_contents(tmp, stages, manifest_fields, assets or {}, converted, progress)
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_contents(root: Path, stages: list[StageDef], manifest_fields: dict, assets: dict[str, Path],
+                    converted: dict[str, str], progress) -> None:
+    """Export the stages into ``root``, copy the assets, write the manifest last."""
+    entries = {}
+    for stage in stages:
+        progress(f"exporting stage {stage.name} ...")
+        files = export_stage(stage, root)
+        report = None
+        if stage.name in converted:
+            progress(f"converting stage {stage.name} to {converted[stage.name]} ...")
+            sizes = {"batch": SAMPLE_BATCH, **stage.trace_sizes}
+            report = convert_stage(stage, files[0], converted[stage.name], sizes)
+        entries[stage.name] = stage_manifest_entry(stage, files, root)
+        if report:
+            entries[stage.name]["precision"] = report
+    copied = {}
+    for name, src in assets.items():
+        shutil.copytree(src, root / name)
+        copied[name] = [
+            {"path": str(f.relative_to(root)), "sha256": sha256_file(f)} for f in sorted((root / name).rglob("*"))
+            if f.is_file()
+        ]
+    manifest = {"schema_version": SCHEMA_VERSION, **manifest_fields, "stages": entries}
+    if copied:
+        manifest["assets"] = copied
+    check_manifest(manifest)  # the runtime's schema: a build never writes a bundle the runtime refuses
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -49,6 +49,16 @@ class PrecisionPlan:
             per_stage[stage.strip()] = _check_precision(precision.strip(), spec)
         return cls(per_stage=per_stage)
 
+    def part(self, prefix: str) -> "PrecisionPlan":
+        """The plan of a nested bundle (a cascade's diffusion stage): per-stage entries named ``PREFIX.STAGE``."""
+        return PrecisionPlan(self.everywhere, {k[len(prefix) + 1:]: v for k, v in self.per_stage.items()
+                                               if k.startswith(prefix + ".")})
+
+    def outside(self, prefixes: list[str]) -> "PrecisionPlan":
+        """The plan of the enclosing bundle: the per-stage entries of no nested bundle."""
+        return PrecisionPlan(self.everywhere, {k: v for k, v in self.per_stage.items()
+                                               if not any(k.startswith(p + ".") for p in prefixes)})
+
     def resolve(self, stage_names: list[str]) -> dict[str, str]:
         """The stages to convert and their precision; fails on a stage the bundle does not have."""
         unknown = sorted(set(self.per_stage) - set(stage_names))

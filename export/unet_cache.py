@@ -15,8 +15,9 @@ picks the branch: block ``b = id // 3``, layer ``l = id % 3``. Read off the help
 
 So the cache is one tensor per branch: the hidden state entering that up layer. The full stage returns it next to
 the prediction (``cache_deep<id>``), the shallow stage takes it as an input. The layer loops below are diffusers'
-``CrossAttn{Down,Up}Block2D`` / ``{Down,Up}Block2D`` forwards split at layer granularity (no FreeU, no gradient
-checkpointing, no adapter residuals — the export path does not use them).
+``CrossAttn{Down,Up}Block2D`` / ``{Down,Up}Block2D`` / ``SimpleCrossAttn{Down,Up}Block2D`` /
+``Resnet{Downsample,Upsample}Block2D`` forwards split at layer granularity (no FreeU, no gradient checkpointing, no
+adapter residuals, no attention masks — the export path does not use them).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from .errors import ModelLoadError
-from .unet_model import skip_layout, unet_embedding, with_branch_free_upsamplers
+from .unet_model import _ConditionedStage, skip_layout
 
 
 @dataclass(frozen=True)
@@ -64,11 +63,33 @@ class DeepCacheBranch:
         return u, len(unet.up_blocks[u].resnets) - 1 - self.layer
 
 
+def _attend(attention, hidden, ehs):
+    """One attention layer: a Transformer2DModel (returns a tuple) or, in the SimpleCrossAttn blocks, a bare
+    ``Attention`` with added K/V projections (returns the tensor)."""
+    if type(attention).__name__ == "Attention":
+        return attention(hidden, encoder_hidden_states=ehs)
+    return attention(hidden, encoder_hidden_states=ehs, return_dict=False)[0]
+
+
+def _takes_temb(sampler) -> bool:
+    """A ResnetBlock2D with down/up=True (IF's Resnet*/SimpleCrossAttn* blocks) takes the time embedding and always
+    scales by 2; Downsample2D / Upsample2D take the hidden state (and the output size) only."""
+    return type(sampler).__name__ == "ResnetBlock2D"
+
+
+def _downsample(sampler, hidden, emb):
+    return sampler(hidden, emb) if _takes_temb(sampler) else sampler(hidden)
+
+
+def _upsample(sampler, hidden, emb, size):
+    return sampler(hidden, emb) if _takes_temb(sampler) else sampler(hidden, size)
+
+
 def _down_layer(block, j: int, hidden, emb, ehs):
     hidden = block.resnets[j](hidden, emb)
     attentions = getattr(block, "attentions", None)
     if attentions is not None:
-        hidden = attentions[j](hidden, encoder_hidden_states=ehs, return_dict=False)[0]
+        hidden = _attend(attentions[j], hidden, ehs)
     return hidden
 
 
@@ -76,7 +97,7 @@ def _up_layer(block, j: int, hidden, res, emb, ehs):
     hidden = block.resnets[j](torch.cat([hidden, res], dim=1), emb)
     attentions = getattr(block, "attentions", None)
     if attentions is not None:
-        hidden = attentions[j](hidden, encoder_hidden_states=ehs, return_dict=False)[0]
+        hidden = _attend(attentions[j], hidden, ehs)
     return hidden
 
 
@@ -105,7 +126,7 @@ def down_path(unet, sample, emb, ehs, stop: DeepCacheBranch | None = None):
             hidden = _down_layer(block, j, hidden, emb, ehs)
             skips.append(hidden)
         for downsampler in block.downsamplers or []:
-            hidden = downsampler(hidden)
+            hidden = _downsample(downsampler, hidden, emb)
             skips.append(hidden)
     return _mid(unet, hidden, emb, ehs), skips
 
@@ -124,39 +145,38 @@ def up_path(unet, hidden, skips, emb, ehs, start: tuple[int, int] = (0, 0), capt
         if block.upsamplers is not None:
             size = skips[-1].shape[2:] if u < len(unet.up_blocks) - 1 else None  # see unet_model's docstring
             for upsampler in block.upsamplers:
-                hidden = upsampler(hidden, size)
+                hidden = _upsample(upsampler, hidden, emb, size)
     if unet.conv_norm_out:
         hidden = unet.conv_act(unet.conv_norm_out(hidden))
     return unet.conv_out(hidden), [captured[c] for c in capture]
 
 
-class UNetCachingFullStage(nn.Module):
-    """The whole UNet, also returning the deep feature of every branch: (sample, timestep, encoder_hidden_states)
-    -> (noise_pred, cache_deep<id>, ...)."""
+class UNetCachingFullStage(_ConditionedStage):
+    """The whole UNet, also returning the deep feature of every branch: (sample, timestep, encoder_hidden_states,
+    *conditioning) -> (noise_pred, cache_deep<id>, ...)."""
 
     def __init__(self, unet, branches: list[DeepCacheBranch]):
-        super().__init__()
-        self.unet = with_branch_free_upsamplers(unet)
+        super().__init__(unet)
         self.points = [b.resume_at(unet) for b in branches]
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        emb, ehs = unet_embedding(self.unet, sample, timestep, encoder_hidden_states)
+    def forward(self, sample, timestep, encoder_hidden_states, *conditioning):
+        emb, ehs = self.embedding(sample, timestep, encoder_hidden_states, conditioning)
         mid, skips = down_path(self.unet, sample, emb, ehs)
         out, features = up_path(self.unet, mid, skips, emb, ehs, capture=tuple(self.points))
         return (out, *features)
 
 
-class UNetShallowStage(nn.Module):
-    """A DeepCache cached step: (sample, timestep, encoder_hidden_states, cache_deep<id>) -> noise_pred."""
+class UNetShallowStage(_ConditionedStage):
+    """A DeepCache cached step: (sample, timestep, encoder_hidden_states, cache_deep<id>, *conditioning) ->
+    noise_pred."""
 
     def __init__(self, unet, branch: DeepCacheBranch):
-        super().__init__()
-        self.unet = with_branch_free_upsamplers(unet)
+        super().__init__(unet)
         self.branch = branch
         self.start = branch.resume_at(unet)
 
-    def forward(self, sample, timestep, encoder_hidden_states, deep_feature):
-        emb, ehs = unet_embedding(self.unet, sample, timestep, encoder_hidden_states)
+    def forward(self, sample, timestep, encoder_hidden_states, deep_feature, *conditioning):
+        emb, ehs = self.embedding(sample, timestep, encoder_hidden_states, conditioning)
         _, skips = down_path(self.unet, sample, emb, ehs, stop=self.branch)
         out, _ = up_path(self.unet, deep_feature, skips, emb, ehs, start=self.start)
         return out

@@ -21,6 +21,14 @@ vae_decoder     latent[batch,4,height,width]                                imag
 
 All float inputs/outputs are float32. ControlNet residuals are added to the encoder's skip_i / mid before the
 decoder (diffusers adds them to ``down_block_res_samples`` and the mid-block output).
+
+UNets with per-row conditioning (:func:`keystep.export.unet_model.conditioning_inputs`) take it as trailing inputs
+of encoder, decoder, full, cached.* and controlnet: SDXL ``text_embeds[batch,P]`` + ``time_ids[batch,N]``, IF
+stage II ``class_labels[batch]`` (the noise level). SDXL pipelines have two text encoders, both read as
+StableDiffusionXLPipeline does (penultimate hidden states; the second also returns its projected pooled output):
+``text_encoder(input_ids) -> text_embeddings[batch,text_len,D1]``, ``text_encoder_2(input_ids) ->
+text_embeddings[batch,text_len,D2], text_embeds[batch,P]``; the UNet's encoder_hidden_states are their
+concatenation (D1 + D2).
 """
 
 from __future__ import annotations
@@ -37,19 +45,24 @@ from .errors import ModelLoadError
 from .tokenizer_asset import has_tokenizer
 from .unet_cache import DeepCacheBranch, UNetCachingFullStage, UNetShallowStage, deep_feature_shape
 from .unet_model import (
+    CLASS_LABEL_INPUT,
     ControlNetStage,
+    PenultimateTextEncoderStage,
     TextEncoderStage,
     UNetDecoderStage,
     UNetEncoderStage,
     UNetFullStage,
+    conditioning_inputs,
+    fixed_factor_upsampling,
     level_sizes,
     skip_layout,
     with_branch_free_upsamplers,
 )
 
-SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
-SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+# DeepFloyd-IF's blocks: ResnetBlock2D down/upsamplers and SimpleCrossAttn (added-K/V) attention
+SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D", "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "UNetMidBlock2DSimpleCrossAttn", None)
 # CLIP's context length in every SD release; the FLOPs of text-conditioned stages are counted at it
 DEFAULT_TEXT_LEN = 77
 TRACE_TEXT_LEN = 7  # text_len of the export trace for the UNet stages (any length works afterwards)
@@ -68,6 +81,22 @@ class LoadedSD:
     source_kind: str = "diffusers-pipeline"
     path: Path | None = None
     pixel_space: bool = False  # no VAE: the UNet denoises images (checked by check_pixel_space_unet)
+    # SDXL: the second text encoder (CLIPTextModelWithProjection) and its tokenizer
+    text_encoder_2: object | None = None
+    tokenizer_2_dir: Path | None = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+
+# The text encoders of each pipeline layout: (component, tokenizer, transformers class). SDXL reads both CLIP
+# encoders' penultimate layer and the second one's pooled projection (StableDiffusionXLPipeline.encode_prompt).
+SD_TEXT_ENCODERS = (("text_encoder", "tokenizer", "CLIPTextModel"),)
+SDXL_TEXT_ENCODERS = (("text_encoder", "tokenizer", "CLIPTextModel"),
+                      ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"))
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline")
+SDXL_TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 
 
 def _read_json(path: Path) -> dict:
@@ -86,16 +115,13 @@ def check_unet_config(config: dict, where: str = "UNet") -> None:
     if name != "UNet2DConditionModel":
         raise ModelLoadError(f"{where}: expected a UNet2DConditionModel, found {name!r}")
     addition = config.get("addition_embed_type")
-    if addition == "text_time":
-        raise ModelLoadError(
-            f"{where}: SDXL-style UNets (addition_embed_type 'text_time': pooled text embeddings + size/crop time ids) "
-            f"are not supported; keystep exports Stable Diffusion 1.x/2.x-style UNets only")
-    if addition not in (None, "text"):
+    if addition not in (None, "text", "text_time"):
         raise ModelLoadError(f"{where}: addition_embed_type {addition!r} needs image inputs the stages do not take")
-    if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+    if config.get("class_embed_type") not in (None, "timestep") or config.get("num_class_embeds") is not None:
         raise ModelLoadError(
             f"{where}: class-conditional UNets (class_embed_type {config.get('class_embed_type')!r}, num_class_embeds "
-            f"{config.get('num_class_embeds')!r}) need class labels, which the stages do not take")
+            f"{config.get('num_class_embeds')!r}) need class labels, which the stages do not take (only "
+            f"class_embed_type 'timestep', a noise level, is supported)")
     if config.get("time_cond_proj_dim") is not None:
         raise ModelLoadError(f"{where}: UNets with time_cond_proj_dim (LCM's guidance embedding) need a timestep_cond "
                              f"input, which the stages do not take")
@@ -122,12 +148,17 @@ def _text_dim(config) -> int:
 
 def check_controlnet(controlnet, unet) -> None:
     config = dict(controlnet.config)
-    if config.get("addition_embed_type") == "text_time":
-        raise ModelLoadError("ControlNet: SDXL-style ControlNets (addition_embed_type 'text_time') are not supported")
     if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
         raise ModelLoadError("ControlNet: class-conditional ControlNets need class labels, which the stage lacks")
-    if config.get("addition_embed_type") not in (None, "text"):
+    if config.get("addition_embed_type") not in (None, "text", "text_time"):
         raise ModelLoadError(f"ControlNet: addition_embed_type {config['addition_embed_type']!r} is not supported")
+    if conditioning_inputs(config) != conditioning_inputs(unet.config):
+        raise ModelLoadError(
+            f"ControlNet takes {list(conditioning_inputs(config)) or 'no'} added conditioning, the UNet "
+            f"{list(conditioning_inputs(unet.config)) or 'none'} (an SDXL UNet needs an SDXL ControlNet and back)")
+    if config.get("addition_embed_type") == "text_time" and (
+            controlnet.add_embedding.linear_1.in_features != unet.add_embedding.linear_1.in_features):
+        raise ModelLoadError("ControlNet and UNet expect different text_embeds + time_ids widths")
     channels = [c for c, _ in skip_layout(unet)]
     cn_channels = [block.out_channels for block in controlnet.controlnet_down_blocks]
     if cn_channels != channels or [lv for _, lv in skip_layout(controlnet)] != [lv for _, lv in skip_layout(unet)]:
@@ -156,20 +187,35 @@ def check_pixel_space_unet(unet_config: dict, path: Path) -> None:
             f"{c_out} out; pixel space needs 1 or 3 in and as many out) — a latent model needs its vae/")
 
 
+def pipeline_text_encoders(index: dict, path: Path) -> tuple[tuple[str, str, str], ...]:
+    """The text encoders a pipeline directory's model_index.json lays out (SD or SDXL base); others are refused."""
+    name = index.get("_class_name", "")
+    if name.startswith("StableDiffusionXL") or "text_encoder_2" in index:
+        if name not in SDXL_PIPELINES:
+            raise ModelLoadError(
+                f"{path}: {name or 'this SDXL pipeline'} is not supported (SDXL text-to-image: StableDiffusionXLPipeline;"
+                f" the refiner's img2img layout, StableDiffusionXLImg2ImgPipeline, is not supported yet)")
+        return SDXL_TEXT_ENCODERS
+    return SD_TEXT_ENCODERS
+
+
 def load_sd_pipeline_dir(path: str | Path) -> LoadedSD:
     """A diffusers Stable Diffusion directory: model_index.json, unet/, vae/, text_encoder/ (CLIPTextModel),
-    tokenizer/, scheduler/scheduler_config.json. Without vae/ the UNet works in pixel space (images in [-1, 1])."""
+    tokenizer/, scheduler/scheduler_config.json — or an SDXL one (StableDiffusionXLPipeline: also text_encoder_2/
+    (CLIPTextModelWithProjection) and tokenizer_2/). Without vae/ the UNet works in pixel space (images in [-1, 1])."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model directory does not exist: {path}")
     index = _read_json(path / "model_index.json")
-    if "text_encoder_2" in index or index.get("_class_name", "").startswith("StableDiffusionXL"):
-        raise ModelLoadError(f"{path}: SDXL pipelines ({index.get('_class_name')}) are not supported")
-    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+    encoders = pipeline_text_encoders(index, path)
+    for part in ("unet", "scheduler", *(d for e in encoders for d in e[:2])):
         if not (path / part).is_dir():
             raise ModelLoadError(f"{path}: the pipeline has no {part}/ directory")
     unet_config = _read_json(path / "unet" / "config.json")
     check_unet_config(unet_config, f"{path}/unet")
+    if (unet_config.get("addition_embed_type") == "text_time") != (encoders is SDXL_TEXT_ENCODERS):
+        raise ModelLoadError(f"{path}/unet: addition_embed_type {unet_config.get('addition_embed_type')!r} does not "
+                             f"match the {index.get('_class_name')} layout")
     has_vae = (path / "vae").is_dir()
     if has_vae:
         vae_config = _read_json(path / "vae" / "config.json")
@@ -177,24 +223,46 @@ def load_sd_pipeline_dir(path: str | Path) -> LoadedSD:
             raise ModelLoadError(f"{path}/vae: expected an AutoencoderKL, found {vae_config.get('_class_name')!r}")
     else:
         check_pixel_space_unet(unet_config, path)
-    te_config = _read_json(path / "text_encoder" / "config.json")
-    if "CLIPTextModel" not in (te_config.get("architectures") or []):
-        raise ModelLoadError(f"{path}/text_encoder: expected a CLIPTextModel, found {te_config.get('architectures')}")
-    if not has_tokenizer(path / "tokenizer"):
-        raise ModelLoadError(f"{path}/tokenizer has neither vocab.json + merges.txt nor tokenizer.json")
+    for encoder, tokenizer, architecture in encoders:
+        te_config = _read_json(path / encoder / "config.json")
+        if architecture not in (te_config.get("architectures") or []):
+            raise ModelLoadError(f"{path}/{encoder}: expected a {architecture}, found {te_config.get('architectures')}")
+        if not has_tokenizer(path / tokenizer):
+            raise ModelLoadError(f"{path}/{tokenizer} has neither vocab.json + merges.txt nor tokenizer.json")
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
 
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32).eval()
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32).eval() if has_vae else None
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32).eval()
+        text_encoders = [getattr(transformers, architecture).from_pretrained(path / encoder, dtype=torch.float32).eval()
+                         for encoder, _, architecture in encoders]
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {path}: {exc}") from exc
-    return LoadedSD(unet, vae, text_encoder, path / "tokenizer", scheduler_config, index, "diffusers-pipeline", path,
-                    pixel_space=not has_vae)
+    loaded = LoadedSD(unet, vae, text_encoders[0], path / encoders[0][1], scheduler_config, index,
+                      "diffusers-pipeline", path, pixel_space=not has_vae)
+    if len(text_encoders) > 1:
+        loaded.text_encoder_2, loaded.tokenizer_2_dir = text_encoders[1], path / encoders[1][1]
+        check_text_time(loaded)
+    return loaded
+
+
+def check_text_time(loaded: LoadedSD) -> None:
+    """SDXL: the UNet's added embedding must take the second encoder's projection + 6 time ids (as the pipeline's
+    ``_get_add_time_ids`` checks), and its cross-attention width must be the two encoders' widths together."""
+    unet, te1, te2 = loaded.unet, loaded.text_encoder, loaded.text_encoder_2
+    expected = unet.add_embedding.linear_1.in_features
+    passed = unet.config.addition_time_embed_dim * SDXL_TIME_IDS + te2.config.projection_dim
+    if expected != passed:
+        raise ModelLoadError(f"{loaded.path}/unet: its added embedding takes {expected} values, the pipeline makes "
+                             f"{passed} ({SDXL_TIME_IDS} time ids x {unet.config.addition_time_embed_dim} + projection "
+                             f"{te2.config.projection_dim})")
+    width = te1.config.hidden_size + te2.config.hidden_size
+    if _text_dim(unet.config) != width:
+        raise ModelLoadError(f"{loaded.path}/unet: cross_attention_dim {_text_dim(unet.config)} is not the text "
+                             f"encoders' {te1.config.hidden_size} + {te2.config.hidden_size}")
 
 
 def load_controlnet(path: str | Path):
@@ -205,8 +273,6 @@ def load_controlnet(path: str | Path):
     config = _read_json(path / "config.json")
     if config.get("_class_name") != "ControlNetModel":
         raise ModelLoadError(f"{path}: expected a ControlNetModel, found {config.get('_class_name')!r}")
-    if config.get("addition_embed_type") == "text_time":
-        raise ModelLoadError(f"{path}: SDXL-style ControlNets (addition_embed_type 'text_time') are not supported")
     from diffusers import ControlNetModel
 
     try:
@@ -267,13 +333,36 @@ def unet_model_config(loaded: LoadedSD, controlnet=None) -> dict:
     if loaded.text_encoder is not None:
         te = loaded.text_encoder.config
         cfg.update(text_len=te.max_position_embeddings, vocab_size=te.vocab_size)
+    conditioning = conditioning_inputs(unet.config)
+    if conditioning:
+        cfg["conditioning"] = list(conditioning)
+    if fixed_factor_upsampling(unet):  # the runtime refuses sizes the graph cannot take
+        cfg["size_multiple"] = 2 ** (cfg["num_levels"] - 1)
+    if loaded.sdxl:
+        cfg["sdxl"] = {
+            "time_ids": SDXL_TIME_IDS,
+            "projection_dim": loaded.text_encoder_2.config.projection_dim,
+            # StableDiffusionXLPipeline: without a negative prompt, CFG's negative embeddings are zeros
+            "force_zeros_for_empty_prompt": bool(loaded.model_index.get("force_zeros_for_empty_prompt", True)),
+        }
     return cfg
 
 
-def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranch] = ()) -> list[StageDef]:
-    """StageDefs for text_encoder (if loaded), encoder, decoder, full, one shallow stage per DeepCache branch (whose
-    deep feature the full stage then returns), controlnet (if given) and vae_decoder (if loaded), each with batch /
-    height / width / text_len dynamic where they apply."""
+def conditioning_spec(name: str, unet) -> TensorSpec:
+    """The TensorSpec of one per-row conditioning input (float32: time ids and noise levels are exact integers)."""
+    if name == CLASS_LABEL_INPUT:
+        return TensorSpec(name, "float32", ("batch",))
+    if name == "time_ids":
+        return TensorSpec(name, "float32", ("batch", SDXL_TIME_IDS))
+    width = unet.add_embedding.linear_1.in_features - SDXL_TIME_IDS * unet.config.addition_time_embed_dim
+    return TensorSpec(name, "float32", ("batch", width))  # text_embeds: the pooled projection
+
+
+def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranch] = (), full: bool = True
+                ) -> list[StageDef]:
+    """StageDefs for text_encoder(s) (if loaded), encoder, decoder, full (unless ``full`` is False), one shallow stage
+    per DeepCache branch (whose deep feature the full stage then returns), controlnet (if given) and vae_decoder (if
+    loaded), each with batch / height / width / text_len dynamic where they apply."""
     unet = loaded.unet.eval()
     check_unet_config(dict(unet.config))
     cfg = unet.config
@@ -287,6 +376,7 @@ def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranc
     sample = TensorSpec("sample", f32, ("batch", cfg.in_channels, "height", "width"))
     timestep = TensorSpec("timestep", f32, ("batch",))
     ehs = TensorSpec("encoder_hidden_states", f32, ("batch", "text_len", text_dim))
+    conditioning = [conditioning_spec(name, unet) for name in conditioning_inputs(cfg)]
     skips = [TensorSpec(f"skip_{i}", f32, ("batch", c, *_level_dims(lv))) for i, (c, lv) in enumerate(layout)]
     mid = TensorSpec("mid", f32, ("batch", layout[-1][0], *_level_dims(layout[-1][1])))
     noise_pred = TensorSpec("noise_pred", f32, ("batch", cfg.out_channels, "height", "width"))
@@ -301,29 +391,35 @@ def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranc
         return StageDef(name, module.eval(), inputs, outputs, dict(trace_sizes), dict(flops_sizes), dict(ranges))
 
     stages = []
-    if te is not None:
+    for name, te in (("text_encoder", te), ("text_encoder_2", loaded.text_encoder_2)):
+        if te is None:
+            continue
         te = te.eval()
+        module = PenultimateTextEncoderStage(te) if loaded.sdxl else TextEncoderStage(te)
+        outputs = [TensorSpec("text_embeddings", f32, ("batch", "text_len", te.config.hidden_size))]
+        if getattr(module, "pooled", False):
+            outputs.append(TensorSpec("text_embeds", f32, ("batch", te.config.projection_dim)))
+        length = te.config.max_position_embeddings
         stages.append(stage(
-            "text_encoder", TextEncoderStage(te),
-            [TensorSpec("input_ids", "int64", ("batch", "text_len"))],
-            [TensorSpec("text_embeddings", f32, ("batch", "text_len", te.config.hidden_size))],
-            trace_sizes={"text_len": te.config.max_position_embeddings},
-            flops_sizes={"text_len": te.config.max_position_embeddings},
-            ranges={"text_len": (1, te.config.max_position_embeddings)},
+            name, module, [TensorSpec("input_ids", "int64", ("batch", "text_len"))], outputs,
+            trace_sizes={"text_len": length}, flops_sizes={"text_len": length}, ranges={"text_len": (1, length)},
         ))
     deep = {}
     for branch in branches:
         branch.check(unet)
         channels, level = deep_feature_shape(unet, branch)
         deep[branch.name] = TensorSpec(f"cache_{branch.name}", f32, ("batch", channels, *_level_dims(level)))
-    full = UNetCachingFullStage(unet, list(branches)) if branches else UNetFullStage(unet)
     stages += [
-        stage("encoder", UNetEncoderStage(unet), [sample, timestep, ehs], [*skips, mid]),
-        stage("decoder", UNetDecoderStage(unet, len(skips)), [*skips, mid, timestep, ehs], [noise_pred]),
-        stage("full", full, [sample, timestep, ehs], [noise_pred, *deep.values()]),
+        stage("encoder", UNetEncoderStage(unet), [sample, timestep, ehs, *conditioning], [*skips, mid]),
+        stage("decoder", UNetDecoderStage(unet, len(skips)), [*skips, mid, timestep, ehs, *conditioning],
+              [noise_pred]),
     ]
+    if full:
+        module = UNetCachingFullStage(unet, list(branches)) if branches else UNetFullStage(unet)
+        stages.append(stage("full", module, [sample, timestep, ehs, *conditioning], [noise_pred, *deep.values()]))
     stages += [
-        stage(f"cached.{b.name}", UNetShallowStage(unet, b), [sample, timestep, ehs, deep[b.name]], [noise_pred])
+        stage(f"cached.{b.name}", UNetShallowStage(unet, b), [sample, timestep, ehs, deep[b.name], *conditioning],
+              [noise_pred])
         for b in branches
     ]
     if controlnet is not None:
@@ -337,7 +433,7 @@ def unet_stages(loaded: LoadedSD, controlnet=None, branches: list[DeepCacheBranc
             [sample, timestep, ehs,
              TensorSpec("controlnet_cond", f32, ("batch", controlnet.config.conditioning_channels,
                                                  f"{factor}*height", f"{factor}*width")),
-             TensorSpec("conditioning_scale", f32, (1,))],
+             TensorSpec("conditioning_scale", f32, (1,)), *conditioning],
             [*(TensorSpec(f"down_res_{i}", f32, ("batch", c, *res_dims(lv))) for i, (c, lv) in enumerate(layout)),
              TensorSpec("mid_res", f32, ("batch", layout[-1][0], *res_dims(layout[-1][1])))],
         ))

@@ -14,6 +14,14 @@ over the blocks is re-written, branch-free:
 * ``Upsample2D.forward`` branches on ``batch >= 64`` and on ``numel * scale > 2**31`` only to call
   ``.contiguous()``; :func:`with_branch_free_upsamplers` gives a view of a model whose ``Upsample2D`` modules skip
   those branches (same parameters, the original model is untouched).
+
+Some UNets take per-row conditioning besides (sample, timestep, encoder_hidden_states); every stage takes it as extra
+inputs after its own (:func:`conditioning_inputs`) and builds the time embedding from it exactly as diffusers'
+forward does: SDXL's ``addition_embed_type="text_time"`` (``text_embeds`` = the pooled text embedding,
+``time_ids`` = original size, crop top-left and target size — or the refiner's aesthetic score — through
+``add_time_proj``) and a ``class_embed_type="timestep"`` class embedding (``class_labels``: DeepFloyd-IF stage II's
+noise level, a float timestep). The decoder recomputes the embedding from its own rows, so a batched decoder call
+over several steps carries each row's conditioning, tiled like the text.
 """
 
 from __future__ import annotations
@@ -99,28 +107,55 @@ def _downsampled(size: int, downsampler: nn.Module, axis: int) -> int:
 
 def level_sizes(model: nn.Module, height: int, width: int) -> list[tuple[int, int]]:
     """(height, width) at every level for a latent of ``height`` x ``width`` (level 0 = the latent itself).
-    With diffusers' default Downsample2D (3x3 conv, stride 2, padding 1) level l+1 = ceil(level l / 2)."""
+    With diffusers' default Downsample2D (3x3 conv, stride 2, padding 1) level l+1 = ceil(level l / 2); a
+    ResnetBlock2D downsampler (DeepFloyd-IF's ``Resnet*`` / ``SimpleCrossAttn*`` blocks) pools 2x2: floor."""
     sizes = [(height, width)]
     for block in model.down_blocks:
         for downsampler in block.downsamplers or []:
+            downsampler = getattr(downsampler, "downsample", None) or downsampler  # ResnetBlock2D(down=True)
             h, w = sizes[-1]
             sizes.append((_downsampled(h, downsampler, 0), _downsampled(w, downsampler, 1)))
     return sizes
 
 
+def fixed_factor_upsampling(model: nn.Module) -> bool:
+    """Whether the up path upsamples by a fixed 2x (ResnetBlock2D upsamplers ignore ``upsample_size``): then every
+    level must be exactly twice the next, i.e. the sample size a multiple of ``2 ** downsamplers``."""
+    return any(type(u).__name__ == "ResnetBlock2D" for b in model.up_blocks for u in (b.upsamplers or []))
+
+
+# --- per-row conditioning besides the text ---------------------------------------------------------------------------
+
+TEXT_TIME_INPUTS = ("text_embeds", "time_ids")  # SDXL's added_cond_kwargs
+CLASS_LABEL_INPUT = "class_labels"
+
+
+def conditioning_inputs(config) -> tuple[str, ...]:
+    """The extra per-row inputs a UNet (or ControlNet) config needs, in stage input order."""
+    names = ()
+    if config.get("class_embed_type") is not None:
+        names += (CLASS_LABEL_INPUT,)
+    if config.get("addition_embed_type") == "text_time":
+        names += TEXT_TIME_INPUTS
+    return names
+
+
 # --- UNet stages ----------------------------------------------------------------------------------------------------
 
 
-def unet_embedding(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+def unet_embedding(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                   conditioning: dict[str, torch.Tensor] | None = None):
     """The final time embedding ``emb`` and the processed encoder hidden states, exactly as
-    ``UNet2DConditionModel.forward`` builds them (without class labels / timestep_cond / added_cond_kwargs, which
-    unet_export rejects models for). ``sample`` only gives the batch size and dtype."""
+    ``UNet2DConditionModel.forward`` builds them; ``conditioning`` holds the :func:`conditioning_inputs` by name
+    (no timestep_cond: unet_export rejects LCM-style UNets). ``sample`` only gives the batch size and dtype."""
+    conditioning = conditioning or {}
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
     emb = unet.time_embedding(t_emb, None)
-    class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=conditioning.get(CLASS_LABEL_INPUT))
     if class_emb is not None:
         emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
-    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+    added = {k: v for k, v in conditioning.items() if k in TEXT_TIME_INPUTS}
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
     emb = emb + aug_emb if aug_emb is not None else emb
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
@@ -170,57 +205,65 @@ def unet_decode(unet, mid, skips, emb, encoder_hidden_states) -> torch.Tensor:
     return unet.conv_out(sample)
 
 
-class UNetEncoderStage(nn.Module):
-    """(sample, timestep, encoder_hidden_states) -> (skip_0, ..., skip_{n-1}, mid)."""
+class _ConditionedStage(nn.Module):
+    """A UNet stage whose trailing inputs are the model's per-row conditioning (:func:`conditioning_inputs`)."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = with_branch_free_upsamplers(unet)
+        self.conditioning_names = conditioning_inputs(unet.config)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        emb, encoder_hidden_states = unet_embedding(self.unet, sample, timestep, encoder_hidden_states)
+    def embedding(self, sample, timestep, encoder_hidden_states, conditioning):
+        return unet_embedding(self.unet, sample, timestep, encoder_hidden_states,
+                              dict(zip(self.conditioning_names, conditioning)))
+
+
+class UNetEncoderStage(_ConditionedStage):
+    """(sample, timestep, encoder_hidden_states, *conditioning) -> (skip_0, ..., skip_{n-1}, mid)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, *conditioning):
+        emb, encoder_hidden_states = self.embedding(sample, timestep, encoder_hidden_states, conditioning)
         return unet_encode(self.unet, sample, emb, encoder_hidden_states)
 
 
-class UNetDecoderStage(nn.Module):
-    """(skip_0, ..., skip_{n-1}, mid, timestep, encoder_hidden_states) -> noise_pred; every row has its own
-    timestep (its time embedding is computed here)."""
+class UNetDecoderStage(_ConditionedStage):
+    """(skip_0, ..., skip_{n-1}, mid, timestep, encoder_hidden_states, *conditioning) -> noise_pred; every row has
+    its own timestep and conditioning (its time embedding is computed here)."""
 
     def __init__(self, unet, num_skips: int):
-        super().__init__()
-        self.unet = with_branch_free_upsamplers(unet)
+        super().__init__(unet)
         self.num_skips = num_skips
 
     def forward(self, *inputs):
-        skips, (mid, timestep, encoder_hidden_states) = inputs[: self.num_skips], inputs[self.num_skips:]
-        emb, encoder_hidden_states = unet_embedding(self.unet, mid, timestep, encoder_hidden_states)
+        skips, (mid, timestep, encoder_hidden_states, *conditioning) = inputs[: self.num_skips], inputs[self.num_skips:]
+        emb, encoder_hidden_states = self.embedding(mid, timestep, encoder_hidden_states, conditioning)
         return unet_decode(self.unet, mid, skips, emb, encoder_hidden_states)
 
 
-class UNetFullStage(nn.Module):
-    """The whole UNet: (sample, timestep, encoder_hidden_states) -> noise_pred (= diffusers' forward)."""
+class UNetFullStage(_ConditionedStage):
+    """The whole UNet: (sample, timestep, encoder_hidden_states, *conditioning) -> noise_pred (= diffusers' forward)."""
 
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = with_branch_free_upsamplers(unet)
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        emb, encoder_hidden_states = unet_embedding(self.unet, sample, timestep, encoder_hidden_states)
+    def forward(self, sample, timestep, encoder_hidden_states, *conditioning):
+        emb, encoder_hidden_states = self.embedding(sample, timestep, encoder_hidden_states, conditioning)
         *skips, mid = unet_encode(self.unet, sample, emb, encoder_hidden_states)
         return unet_decode(self.unet, mid, skips, emb, encoder_hidden_states)
 
 
 class ControlNetStage(nn.Module):
     """diffusers ``ControlNetModel`` (guess_mode False): (sample, timestep, encoder_hidden_states, controlnet_cond,
-    conditioning_scale[1]) -> (down_res_0, ..., down_res_{n-1}, mid_res), already scaled."""
+    conditioning_scale[1], *conditioning) -> (down_res_0, ..., down_res_{n-1}, mid_res), already scaled."""
 
     def __init__(self, controlnet):
         super().__init__()
         self.controlnet = controlnet
+        self.conditioning_names = conditioning_inputs(controlnet.config)
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, *conditioning):
+        named = dict(zip(self.conditioning_names, conditioning))
+        added = {k: v for k, v in named.items() if k in TEXT_TIME_INPUTS} or None
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                     controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
+                                    class_labels=named.get(CLASS_LABEL_INPUT), added_cond_kwargs=added,
                                     guess_mode=False, return_dict=False)
         return (*down, mid)
 
@@ -234,3 +277,18 @@ class TextEncoderStage(nn.Module):
 
     def forward(self, input_ids):
         return self.text_encoder(input_ids=input_ids)[0]
+
+
+class PenultimateTextEncoderStage(nn.Module):
+    """A CLIP text encoder as StableDiffusionXLPipeline reads it (clip_skip None): input_ids -> the penultimate
+    layer's hidden states, and for ``CLIPTextModelWithProjection`` also the projected pooled output (``text_embeds``,
+    the pipeline's ``pooled_prompt_embeds``)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = type(text_encoder).__name__ == "CLIPTextModelWithProjection"
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True)
+        return (out.hidden_states[-2], out[0]) if self.pooled else out.hidden_states[-2]

@@ -58,7 +58,7 @@ def tensorrt_environment(device_id: int = 0) -> tuple[str, str]:
 def bundle_axes(bundle: Bundle, sizes: dict[str, int] | None = None) -> dict[str, int]:
     """Sizes of every non-batch symbolic axis, from ``sizes`` plus shape inference: a stage whose inputs are all
     bound is shape-inferred and its outputs bind further axes (the UNet encoder's skips give the per-level sizes).
-    UNet bundles default height/width to the model's latent sample size, and an axis named like a model_config
+    UNet (and IF stage) bundles default height/width to the model's sample size, and an axis named like a model_config
     field (text_len) to that field."""
     from keystep.graphs.flops import inferred_shapes
     from keystep.runtime.bundle import parse_dim
@@ -66,7 +66,7 @@ def bundle_axes(bundle: Bundle, sizes: dict[str, int] | None = None) -> dict[str
     axes = dict(sizes or {})
     config = bundle.model_config
     sample = config.get("sample_size")
-    if bundle.family in ("unet", "unet3d") and sample:
+    if bundle.family in ("unet", "unet3d", "if") and sample:  # IF stages: pixel space, the sample size is the image's
         axes.setdefault("height", sample[0])
         axes.setdefault("width", sample[1])
     if isinstance(config.get("num_frames"), int):  # text-to-video: the frames axis at the bundle's default count

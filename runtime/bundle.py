@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .errors import KeystepError
-from .manifest import SCHEMA_VERSION, Manifest, check_version, first_error  # noqa: F401 (SCHEMA_VERSION: writers)
+from .manifest import SCHEMA_VERSION, Manifest, check_version, first_error, manifest_model  # noqa: F401 (SCHEMA_VERSION: writers)
 from .width import WidthEngine, WidthTable
 
 MANIFEST_NAME = "manifest.json"
@@ -95,6 +95,7 @@ class Bundle:
         self.manifest = manifest  # the validated JSON, as written
         self.stages = stages
         self.spec = spec  # the same, typed (runtime/manifest.py)
+        self.parts: dict[str, Bundle] = {}  # a cascade's diffusion stage bundles, in the order they run
 
     @property
     def family(self) -> str:
@@ -106,7 +107,7 @@ class Bundle:
 
     @property
     def scheduler_config(self) -> dict:
-        return self.manifest["scheduler"]
+        return self.manifest["scheduler"] if "scheduler" in self.manifest else self._per_stage("scheduler")
 
     @property
     def pixel_space(self) -> bool:
@@ -119,7 +120,12 @@ class Bundle:
 
     @property
     def default_plan(self) -> dict:
-        return self.manifest["default_plan"]
+        return self.manifest["default_plan"] if "default_plan" in self.manifest else self._per_stage("plan")
+
+    def _per_stage(self, what: str):
+        """A cascade has no scheduler or plan of its own: each diffusion stage has them."""
+        raise BundleError(f"{self.root} is a DeepFloyd-IF cascade: each diffusion stage has its own {what} (stages: "
+                          f"{', '.join(self.parts)}); give {self.root}/<stage> to this command")
 
     @property
     def cache_variants(self) -> dict[str, dict]:
@@ -154,7 +160,7 @@ class Bundle:
         if problem:
             raise BundleError(f"{manifest_path}: {problem}")
         try:
-            spec = Manifest.model_validate(manifest)
+            spec = manifest_model(manifest).model_validate(manifest)
         except ValidationError as exc:
             raise BundleError(f"{manifest_path}: {first_error(exc)}") from None
         stages = {name: _stage_spec(root, name, entry) for name, entry in spec.stages.items()}
@@ -164,6 +170,8 @@ class Bundle:
                 _verify_files(root, f"stage {name!r}", entry.files)
             for name, files in spec.assets.items():
                 _verify_files(root, f"asset {name!r}", files)
+        if bundle.family == "cascade":
+            bundle.parts = {p.name: _cascade_part(bundle, p, verify) for p in spec.cascade}
         return bundle
 
     def stage(self, name: str) -> StageSpec:
@@ -171,6 +179,20 @@ class Bundle:
             return self.stages[name]
         except KeyError:
             raise BundleError(f"bundle {self.root} has no stage {name!r} (has: {', '.join(self.stages)})") from None
+
+
+def _cascade_part(cascade: Bundle, part, verify: bool) -> Bundle:
+    """A cascade's diffusion stage: a complete ``if`` bundle in its sub-directory that fits the cascade."""
+    stage = Bundle.load(cascade.root / part.name, verify=verify)
+    where = f"{cascade.root / MANIFEST_NAME}: cascade stage {part.name!r}"
+    if stage.family != "if":
+        raise BundleError(f"{where} has family {stage.family!r}, not 'if'")
+    if stage.model_config["if"]["role"] != part.role:
+        raise BundleError(f"{where} is a {stage.model_config['if']['role']} stage, the cascade lists it as {part.role}")
+    if stage.model_config["text_dim"] != cascade.model_config["text_dim"]:
+        raise BundleError(f"{where} takes text of width {stage.model_config['text_dim']}, the cascade's T5 makes "
+                          f"{cascade.model_config['text_dim']}")
+    return stage
 
 
 def load_width_table(bundle: Bundle, section: dict) -> WidthTable:

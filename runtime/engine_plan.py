@@ -117,7 +117,7 @@ class EngineTargets:
                 calls += [CallShape(c.runner, c.batch) for c in prepare_run(bundle, options, images, True, full).calls]
         cfg = bundle.default_plan.get("guidance", 1.0) > 1
         for images in self.images:
-            for stage, rows in (("text_encoder", images), ("vae_decoder", images),
+            for stage, rows in (("text_encoder", images), ("text_encoder_2", images), ("vae_decoder", images),
                                 ("controlnet", images * (2 if cfg else 1))):
                 if stage in bundle.stages:
                     calls.append(CallShape(stage, rows))

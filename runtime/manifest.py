@@ -6,6 +6,10 @@ count and the scheduler), which are code either way; pydantic keeps types, range
 model the runtime reads, reports every error with its field path, and still exports a JSON Schema for other tools
 (``python -m keystep.runtime.manifest`` prints it).
 
+Two manifest kinds: :class:`Manifest` (one diffusion model: families ``dit``, ``unet`` — SDXL with its ``sdxl``
+section —, ``unet3d`` and ``if``, a DeepFloyd-IF diffusion stage) and :class:`CascadeManifest` (family ``cascade``:
+a T5 text encoder and the list of ``if`` stage bundles in its sub-directories); :func:`manifest_model` picks one.
+
 Strict mode: no silent coercion ("50" is not an int, 1.5 is not an int, true is not a number) and no NaN/Infinity.
 Model configs accept extra keys (facts about the model a newer exporter may add); every other object is closed,
 so a misspelt key is an error rather than a silently ignored field.
@@ -153,6 +157,7 @@ class DefaultPlan(Closed):
     noise_injection: bool | None = None
     noise_alpha: Annotated[float, Field(ge=0, le=1)] = 0.003
     noise_tau: Annotated[float, Field(ge=0, le=1)] = 0.3
+    noise_level: Annotated[int, Field(ge=0, le=MAX_TRAIN_TIMESTEPS)] | None = None  # IF super-resolution stages
 
 
 class DiTModelConfig(Open):
@@ -190,6 +195,17 @@ class DiTModelConfig(Open):
         return self
 
 
+CONDITIONING_INPUTS = ("class_labels", "text_embeds", "time_ids")  # per-row inputs of every time-embedding stage
+
+
+class SDXLSection(Closed):
+    """StableDiffusionXLPipeline's added conditioning (``model_config.sdxl``)."""
+
+    time_ids: Literal[6]  # original size (h, w), crop top-left (y, x), target size (h, w)
+    projection_dim: PositiveInt  # text_encoder_2's pooled projection: the stages' text_embeds width
+    force_zeros_for_empty_prompt: bool
+
+
 class UNetModelConfig(Open):
     in_channels: Annotated[int, Field(ge=1, le=4096)]
     out_channels: Annotated[int, Field(ge=1, le=4096)]
@@ -205,12 +221,19 @@ class UNetModelConfig(Open):
     pixel_space: bool = False
     text_len: PositiveInt | None = None
     vocab_size: PositiveInt | None = None
+    conditioning: list[Literal[CONDITIONING_INPUTS]] = Field(default_factory=list)  # type: ignore[valid-type]
+    size_multiple: PositiveInt | None = None  # upsamplers that double regardless of the skip's size (IF)
+    sdxl: SDXLSection | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "UNetModelConfig":
         if not len(self.skip_channels) == len(self.skip_levels) == self.num_skips:
             raise ValueError(f"num_skips {self.num_skips} disagrees with skip_channels ({len(self.skip_channels)}) "
                              f"or skip_levels ({len(self.skip_levels)})")
+        text_time = {"text_embeds", "time_ids"} <= set(self.conditioning)
+        if (self.sdxl is not None) != text_time:
+            raise ValueError("sdxl and the conditioning inputs text_embeds + time_ids go together (SDXL's "
+                             "addition_embed_type 'text_time')")
         return self
 
 
@@ -261,7 +284,40 @@ class VideoUNetModelConfig(UNetModelConfig):
     num_frames: Annotated[int, Field(ge=1, le=4096)]  # the manifest's FLOPs are counted at it
 
 
-FAMILY_CONFIGS = {"dit": DiTModelConfig, "unet": UNetModelConfig, "unet3d": VideoUNetModelConfig}
+class IFSection(Closed):
+    """One DeepFloyd-IF diffusion stage (``model_config.if``)."""
+
+    role: Literal["base", "super_resolution"]
+    image_channels: Annotated[int, Field(ge=1, le=4096)]
+    learned_variance: bool  # the UNet returns epsilon and the variance's interpolation (2 x image_channels)
+    noising_scheduler: SchedulerSection | None = None  # super-resolution: how the upscaled image is noised
+
+
+class IFStageModelConfig(UNetModelConfig):
+    """Family ``if``: a pixel-space UNet stage of a DeepFloyd-IF cascade (its text encoder is the cascade's)."""
+
+    if_: IFSection = Field(alias="if")
+
+    @model_validator(mode="after")
+    def _stage(self) -> "IFStageModelConfig":
+        stage, c = self.if_, self.if_.image_channels
+        sr = stage.role == "super_resolution"
+        if not self.pixel_space or self.vae_scale_factor != 1:
+            raise ValueError("an IF stage samples pixels: pixel_space true, vae_scale_factor 1")
+        if self.in_channels != c * (2 if sr else 1):
+            raise ValueError(f"in_channels {self.in_channels}: an IF {stage.role} stage takes {c * (2 if sr else 1)} "
+                             f"({c} image channels{' + the upscaled image' if sr else ''})")
+        if self.out_channels != c * (2 if stage.learned_variance else 1):
+            raise ValueError(f"out_channels {self.out_channels} disagrees with image_channels {c} and "
+                             f"learned_variance {stage.learned_variance}")
+        if sr != (stage.noising_scheduler is not None) or sr != ("class_labels" in self.conditioning):
+            raise ValueError("a super-resolution stage (and only one) has the noising_scheduler and the noise level "
+                             "as its class_labels conditioning")
+        return self
+
+
+FAMILY_CONFIGS = {"dit": DiTModelConfig, "unet": UNetModelConfig, "unet3d": VideoUNetModelConfig,
+                  "if": IFStageModelConfig}
 
 
 class Manifest(Closed):
@@ -358,10 +414,26 @@ class Manifest(Closed):
             raise ValueError(f"width.masks: {self.width.masks!r} is not a file of the 'width' asset")
 
     def _check_unet(self, cfg: UNetModelConfig) -> None:
-        for name in ("text_encoder", "encoder", "decoder"):
+        cascade_stage = self.family == "if"  # its text encoder and tokenizer are the cascade bundle's
+        for name in ("encoder", "decoder") if cascade_stage else ("text_encoder", "encoder", "decoder"):
             self._require_stage(name, "text-to-image bundles run it")
-        if "tokenizer" not in self.assets:
+        if "tokenizer" not in self.assets and not cascade_stage:
             raise ValueError("assets: no 'tokenizer' (text-to-image bundles tokenize prompts with it)")
+        if cfg.sdxl is not None:
+            self._require_stage("text_encoder_2", "SDXL bundles encode prompts with both text encoders")
+            if "tokenizer_2" not in self.assets:
+                raise ValueError("assets: no 'tokenizer_2' (SDXL's second text encoder tokenizes with it)")
+            pooled = self.stages["text_encoder_2"].io("text_embeds")
+            if pooled is None or pooled.shape[-1] != cfg.sdxl.projection_dim:
+                raise ValueError(f"stages.text_encoder_2: output 'text_embeds' must be (batch, "
+                                 f"{cfg.sdxl.projection_dim}) (model_config.sdxl.projection_dim)")
+        if (self.default_plan.noise_level is not None) != (cascade_stage and cfg.if_.role == "super_resolution"):
+            raise ValueError("default_plan.noise_level: set for IF super-resolution stages only")
+        for name in [s for s in ("encoder", "decoder", "full", "controlnet") if s in self.stages] + [
+                s for s in self.stages if s.startswith("cached.")]:
+            missing = [c for c in cfg.conditioning if self.stages[name].io(c) is None]
+            if missing:
+                raise ValueError(f"stages.{name}: no input {missing[0]!r} (model_config.conditioning lists it)")
         encoder = self.stages["encoder"]
         skips = [io.name for io in encoder.outputs if io.name.startswith("skip_")]
         if len(skips) != cfg.num_skips:
@@ -380,6 +452,72 @@ class Manifest(Closed):
             self._require_stage("controlnet", "model_config.controlnet is true")
         if not cfg.pixel_space and "vae_decoder" not in self.stages and cfg.vae_scaling_factor is not None:
             raise ValueError("stages: no 'vae_decoder' for a latent-space model with a VAE scaling factor")
+
+
+# --- cascade bundles (DeepFloyd-IF) -----------------------------------------------------------------------------
+
+
+class CascadeModelConfig(Closed):
+    pipeline: Literal["deepfloyd-if"]
+    text_len: PositiveInt  # the T5 tokens per prompt (IFPipeline: 77)
+    text_dim: PositiveInt  # T5's width: the diffusion stages' encoder_hidden_states
+    vocab_size: PositiveInt
+
+
+class CascadePart(Closed):
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=64)  # a sub-directory holding a bundle
+    role: Literal["base", "super_resolution"]
+
+
+class CascadeSource(Open):
+    kind: str
+    path: str | None = None
+    super_resolution: list[str] = Field(default_factory=list)
+
+
+class CascadeManifest(Closed):
+    """Family ``cascade``: the shared T5 text encoder and its tokenizer; the diffusion stages are complete bundles
+    (family ``if``) in the sub-directories ``cascade`` lists, in the order they run, each with its own manifest
+    (validated when the cascade loads)."""
+
+    schema_version: Literal[SCHEMA_VERSION]
+    family: Literal["cascade"]
+    model_config_: CascadeModelConfig = Field(alias="model_config")
+    source: CascadeSource | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    cascade: list[CascadePart] = Field(min_length=1)
+    stages: dict[str, StageEntry] = Field(min_length=1)
+    assets: dict[str, list[FileEntry]] = Field(default_factory=dict)
+
+    @property
+    def config(self) -> CascadeModelConfig:
+        return self.model_config_
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "CascadeManifest":
+        names = [p.name for p in self.cascade]
+        if len(set(names)) != len(names):
+            raise ValueError(f"cascade: stage names repeat: {names}")
+        if self.cascade[0].role != "base" or any(p.role != "super_resolution" for p in self.cascade[1:]):
+            raise ValueError("cascade: a base stage first, then super-resolution stages")
+        if set(names) & set(self.stages) or set(names) & set(self.assets):
+            raise ValueError(f"cascade: a diffusion stage's directory shares a name with a stage or asset: {names}")
+        if set(self.stages) != {"text_encoder"}:
+            raise ValueError(f"stages: a cascade has exactly its 'text_encoder' (T5), got {sorted(self.stages)}")
+        t5 = self.stages["text_encoder"]
+        if [io.name for io in t5.inputs] != ["input_ids", "attention_mask"] or t5.io("text_embeddings") is None:
+            raise ValueError("stages.text_encoder: (input_ids, attention_mask) -> text_embeddings expected")
+        if t5.io("text_embeddings").shape[-1] != self.config.text_dim:
+            raise ValueError(f"stages.text_encoder: text_embeddings width {t5.io('text_embeddings').shape[-1]} != "
+                             f"model_config.text_dim {self.config.text_dim}")
+        if "tokenizer" not in self.assets:
+            raise ValueError("assets: no 'tokenizer' (the T5 tokenizer.json)")
+        return self
+
+
+def manifest_model(data: Any) -> type[Manifest] | type[CascadeManifest]:
+    """The schema a manifest is validated with: cascades have their own (no scheduler or plan of their own)."""
+    return CascadeManifest if isinstance(data, dict) and data.get("family") == "cascade" else Manifest
 
 
 # --- engines/index.json --------------------------------------------------------------------------------------
@@ -446,7 +584,8 @@ def _short(value: Any) -> str:
 def check_manifest(data: dict) -> "Manifest":
     """Validate a manifest a writer is about to save (build, tune): a schema error there is a keystep bug."""
     try:  # as the JSON it becomes (tuples are lists there)
-        return Manifest.model_validate(json.loads(json.dumps(data)))
+        data = json.loads(json.dumps(data))
+        return manifest_model(data).model_validate(data)
     except ValidationError as exc:
         raise RuntimeError(f"keystep wrote a manifest its own schema refuses: {first_error(exc)}") from None
 
@@ -465,5 +604,7 @@ def check_version(data: Any) -> str | None:
     return None
 
 
-if __name__ == "__main__":  # the JSON Schema, for other tools
-    print(json.dumps(Manifest.model_json_schema(by_alias=True), indent=2))
+if __name__ == "__main__":  # the JSON Schema, for other tools: one of the two manifest kinds
+    from pydantic import TypeAdapter
+
+    print(json.dumps(TypeAdapter(Union[Manifest, CascadeManifest]).json_schema(by_alias=True), indent=2))

@@ -115,11 +115,27 @@ class Pipeline:
         control_image: np.ndarray | None = None,
         controlnet_conditioning_scale: float = 1.0,
         num_frames: int | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        noise_level: int | None = None,
+        stage_plans: dict[str, dict] | None = None,
         return_dict: bool = True,
     ) -> PipelineOutput:
         """Generate. Unset plan arguments (steps, guidance, key steps, cache, scheduler) take the bundle's default
         plan. ``seed`` (an int, or a numpy Generator) or ``generator`` draws the initial noise, unless ``latents``
-        gives it. ``key_steps``: "all" (baseline), "default", "uniform:M" or a list of step indices."""
+        gives it. ``key_steps``: "all" (baseline), "default", "uniform:M" or a list of step indices.
+
+        SDXL bundles: ``prompt_2``, ``negative_prompt_2`` and the size/crop conditioning, as
+        StableDiffusionXLPipeline. DeepFloyd-IF cascades run every diffusion stage in order (IFPipeline, then
+        IFSuperResolutionPipeline) and return the last stage's images; ``height``/``width`` are stage I's, plan
+        arguments apply to every stage and ``stage_plans={"stage_2": {"key_steps": "all"}}`` to one;
+        ``noise_level`` is the super-resolution stages'."""
         arguments = {k: v for k, v in locals().items() if k not in ("self", "return_dict")}
         request = self.validate(**arguments)
         out = self.run(request)
@@ -129,16 +145,20 @@ class Pipeline:
         """The request these ``__call__`` arguments make, validated (its plan prepared too: a step no width engine
         covers is refused here), without running it."""
         request = validate_request(self.bundle, can_decode=self.can_decode, **arguments)
-        try:
-            self.sampler.prepare(request.options, request.images)
-        except PlanError as exc:
-            raise RequestError("key_steps", str(exc)) from None
+        runs = (zip(self.sampler.stages, request.stage_options) if self.family == "cascade"
+                else [(self.sampler, request.options)])
+        for sampler, options in runs:
+            try:
+                sampler.prepare(options, request.images)
+            except PlanError as exc:
+                raise RequestError("key_steps", str(exc)) from None
         return request
 
     def run(self, request: GenerationRequest) -> PipelineOutput:
         """Run a validated request: sample, then decode to the asked output type."""
         start = time.perf_counter()
-        result = self._sample(request)
+        results = self._sample(request)
+        result = results[-1]  # a cascade: its last stage makes the images
         sampled = time.perf_counter()
         images = result.latents
         if request.output_type != "latent":
@@ -148,10 +168,17 @@ class Pipeline:
             else:  # PIL images; for videos a list of frames per video, as diffusers' video pipelines return
                 images = [to_pil(v) for v in pixels] if pixels.ndim == 5 else to_pil(pixels)
         end = time.perf_counter()
-        timing = {"total_s": end - start, "sampling_s": result.total_seconds, "stage_calls_s": sum(result.call_seconds),
-                  "host_s": result.host_seconds, "decode_s": end - sampled,
-                  "conditioning_s": sampled - start - result.total_seconds}
-        return PipelineOutput(images, result.latents, timing, describe_run(result))
+        sampling = sum(r.total_seconds for r in results)
+        timing = {"total_s": end - start, "sampling_s": sampling,
+                  "stage_calls_s": sum(sum(r.call_seconds) for r in results),
+                  "host_s": sum(r.host_seconds for r in results), "decode_s": end - sampled,
+                  "conditioning_s": sampled - start - sampling}
+        if self.family == "cascade":
+            described = "; ".join(f"{name} {'x'.join(map(str, r.latents.shape[2:]))}: {describe_run(r)}"
+                                  for name, r in zip(self.sampler.stage_names, results))
+        else:
+            described = describe_run(result)
+        return PipelineOutput(images, result.latents, timing, described)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> uint8 images (N, H, W, C), or frames (N, F, H, W, C) for text-to-video bundles."""
@@ -159,16 +186,25 @@ class Pipeline:
             raise RequestError("output_type", "this bundle makes latents, not images (no vae_decoder stage)")
         return self.sampler.decode(latents)
 
-    def _sample(self, r: GenerationRequest) -> SampleResult:
+    def _sample(self, r: GenerationRequest) -> list[SampleResult]:
+        """The sampling run(s): one per diffusion stage (one, except for cascades)."""
+        if self.family == "cascade":
+            return self.sampler.sample(r.prompts, list(r.stage_options), negative_prompt=r.negative_prompts,
+                                       height=r.height, width=r.width, seed=r.seed, noise_level=r.noise_level,
+                                       generator=r.generator)
+        text = dict(negative_prompt=r.negative_prompts, height=r.height, width=r.width, init_noise=r.latents,
+                    seed=r.seed, generator=r.generator)
         if self.family == "unet3d":
-            return self.sampler.sample(r.prompts, r.options, negative_prompt=r.negative_prompts, height=r.height,
-                                       width=r.width, init_noise=r.latents, seed=r.seed, generator=r.generator,
-                                       num_frames=r.num_frames)
+            return [self.sampler.sample(r.prompts, r.options, num_frames=r.num_frames, **text)]
+        if self.family == "if":
+            return [self.sampler.sample(r.prompts, r.options, noise_level=r.noise_level, **text)]
         if self.family == "unet":
-            return self.sampler.sample(r.prompts, r.options, negative_prompt=r.negative_prompts, height=r.height,
-                                       width=r.width, init_noise=r.latents, seed=r.seed, generator=r.generator,
-                                       control_image=r.control_image, control_scale=r.control_scale)
-        return self.sampler.sample(r.class_labels, r.options, init_noise=r.latents, seed=r.seed, generator=r.generator)
+            return [self.sampler.sample(r.prompts, r.options, control_image=r.control_image,
+                                        control_scale=r.control_scale, prompt_2=r.prompts_2,
+                                        negative_prompt_2=r.negative_prompts_2,
+                                        size_conditioning=r.size_conditioning, **text)]
+        return [self.sampler.sample(r.class_labels, r.options, init_noise=r.latents, seed=r.seed,
+                                    generator=r.generator)]
 
 
 def describe_run(result: SampleResult) -> str:

@@ -38,7 +38,14 @@ def unet_default_key_steps(num_steps: int) -> list[int]:
     return [i for i in (0, 1, 2, 3, 5, 10, 15, 25, 35) if i < num_steps]
 
 
-DEFAULT_KEY_STEPS = {"dit": dit_default_key_steps, "unet": unet_default_key_steps}
+def if_default_key_steps(num_steps: int) -> list[int]:
+    """FasterDiffusion's DeepFloyd-IF stage-I rule (its release's ``100ls``: key if i < 10, i > 85 or i mod 5 == 0 of
+    100 steps), relative to the step count. Its release runs IF's super-resolution stage without propagation (every
+    step key): keystep builds that stage with the baseline as its default plan."""
+    return [i for i in range(num_steps) if i < 0.1 * num_steps or i > 0.85 * num_steps or i % 5 == 0]
+
+
+DEFAULT_KEY_STEPS = {"dit": dit_default_key_steps, "unet": unet_default_key_steps, "if": if_default_key_steps}
 DEFAULT_KEY_STEPS["unet3d"] = unet_default_key_steps  # FasterDiffusion applies the SD list to video UNets too
 
 

@@ -21,6 +21,7 @@ from .errors import KeystepError
 from .plan import PlanError, parse_cache, parse_key_steps
 from .sampler import SamplingOptions
 from .schedulers import SCHEDULERS, make_scheduler
+from .sdxl import SizeConditioning
 
 MAX_IMAGES = 64  # per call: every image's rows run through every stage at once
 MAX_PROMPT_CHARS = 10_000
@@ -29,7 +30,11 @@ MAX_SEED = 2**63 - 1  # fits Triton's INT64 seed input
 MAX_THREADS = 1024
 MAX_PIXELS = 8192
 OUTPUT_TYPES = ("pil", "np", "latent")
-TEXT_FAMILIES = ("unet", "unet3d")  # prompt-conditioned (text-to-image, text-to-video)
+TEXT_FAMILIES = ("unet", "unet3d", "if", "cascade")  # prompt-conditioned (text-to-image, text-to-video, IF)
+UNET_FAMILIES = ("unet", "unet3d", "if")  # one UNet whose size is free (multiples of what its down path divides)
+PLAN_ARGUMENTS = ("num_inference_steps", "guidance_scale", "key_steps", "cache", "scheduler", "parallel",
+                  "max_decoder_batch", "noise_injection")
+MAX_SIZE_CONDITIONING = 1 << 16  # SDXL's size/crop time ids (pixels)
 MAX_FRAMES = 1024
 
 # the API's argument -> the CLI flag that sets it (for CLI error messages)
@@ -40,6 +45,9 @@ CLI_FLAGS = {
     "key_steps": "--key-steps", "cache": "--cache", "scheduler": "--scheduler", "max_decoder_batch":
     "--max-decoder-batch", "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
     "threads": "--threads", "output_type": "--out", "num_frames": "--frames", "fps": "--fps",
+    "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-prompt-2", "original_size": "--original-size",
+    "crops_coords_top_left": "--crops-coords-top-left", "target_size": "--target-size", "noise_level": "--noise-level",
+    "stage_plans": "--stage",
 }
 
 
@@ -73,6 +81,11 @@ class GenerationRequest:
     control_image: np.ndarray | None = None
     control_scale: float = 1.0
     num_frames: int | None = None  # text-to-video: frames per video
+    prompts_2: list[str] | None = None  # SDXL: the second text encoder's prompts, one per image (None: prompts)
+    negative_prompts_2: list[str] | None = None
+    size_conditioning: SizeConditioning | None = None  # SDXL's size/crop time ids (None: the pipeline's defaults)
+    noise_level: int | None = None  # IF super-resolution stages (None: each stage's default)
+    stage_options: tuple[SamplingOptions, ...] | None = None  # a cascade: each diffusion stage's plan, in order
 
 
 def check_int(field: str, value: Any, low: int, high: int | None = None) -> int:
@@ -164,9 +177,22 @@ def validate_request(
     control_image: np.ndarray | None = None,
     controlnet_conditioning_scale: float = 1.0,
     num_frames: int | None = None,
+    prompt_2: str | Sequence[str] | None = None,
+    negative_prompt_2: str | Sequence[str] | None = None,
+    original_size: Sequence[int] | None = None,
+    crops_coords_top_left: Sequence[int] | None = None,
+    target_size: Sequence[int] | None = None,
+    negative_original_size: Sequence[int] | None = None,
+    negative_crops_coords_top_left: Sequence[int] | None = None,
+    negative_target_size: Sequence[int] | None = None,
+    noise_level: int | None = None,
+    stage_plans: dict[str, dict] | None = None,
     can_decode: bool = True,
 ) -> GenerationRequest:
-    """Check every argument against ``bundle`` (its family, classes, scheduler, sizes, stages, cache variants)."""
+    """Check every argument against ``bundle`` (its family, classes, scheduler, sizes, stages, cache variants).
+    SDXL bundles also take ``prompt_2``, ``negative_prompt_2`` and the size/crop conditioning (diffusers' names);
+    IF stages and cascades ``noise_level``; cascades ``stage_plans`` ({stage name: {plan argument: value}}, over
+    the plan arguments given for every stage)."""
     text = bundle.family in TEXT_FAMILIES
     if bundle.family == "unet3d":
         num_frames = check_int("num_frames", bundle.model_config["num_frames"] if num_frames is None else num_frames,
@@ -208,13 +234,21 @@ def validate_request(
         images = len(labels)
     if images > MAX_IMAGES:
         raise RequestError("num_images_per_prompt", f"{images} images in one call; at most {MAX_IMAGES}")
-    options = validate_options(bundle, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               key_steps=key_steps, cache=cache, scheduler=scheduler, parallel=parallel,
-                               max_decoder_batch=max_decoder_batch, noise_injection=noise_injection)
-    rows = images * (2 if options.guidance > 1 else 1)
-    if options.max_decoder_batch is not None and options.max_decoder_batch < rows:
-        raise RequestError("max_decoder_batch", f"{options.max_decoder_batch} is below one step's rows "
-                           f"({rows} = images x CFG)")
+    plan = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, key_steps=key_steps,
+                cache=cache, scheduler=scheduler, parallel=parallel, max_decoder_batch=max_decoder_batch,
+                noise_injection=noise_injection)
+    if bundle.family == "cascade":
+        stage_options = validate_stage_plans(bundle, plan, stage_plans, images)
+        options = stage_options[0]
+    else:
+        if stage_plans is not None:
+            raise RequestError("stage_plans", "applies to cascade bundles (DeepFloyd-IF)")
+        stage_options = None
+        options = check_decoder_batch(validate_options(bundle, **plan), images)
+    extras = validate_text_extras(bundle, images, per_prompt, prompt_2, negative_prompt_2, noise_level, dict(
+        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+        negative_target_size=negative_target_size))
     # --- sizes, noise, output ----------------------------------------------------------------------------------
     height, width = check_size(bundle, height, width)
     if generator is not None and seed is not None:
@@ -237,7 +271,86 @@ def validate_request(
             raise RequestError("control_image", "this bundle has no ControlNet stage (build it with --controlnet)")
         control_image = check_control_image(control_image, images, height, width)
     return GenerationRequest(options, images, prompts, negatives, labels, height, width, seed, generator, latents,
-                             output_type, control_image, scale, num_frames)
+                             output_type, control_image, scale, num_frames, stage_options=stage_options, **extras)
+
+
+def check_decoder_batch(options: SamplingOptions, images: int) -> SamplingOptions:
+    rows = images * (2 if options.guidance > 1 else 1)
+    if options.max_decoder_batch is not None and options.max_decoder_batch < rows:
+        raise RequestError("max_decoder_batch", f"{options.max_decoder_batch} is below one step's rows "
+                           f"({rows} = images x CFG)")
+    return options
+
+
+def validate_stage_plans(bundle: Bundle, plan: dict, stage_plans: dict | None, images: int) -> tuple:
+    """A cascade's plan per diffusion stage: the bundle's stage default, the plan arguments given for every stage,
+    then that stage's ``stage_plans`` entry."""
+    stage_plans = {} if stage_plans is None else stage_plans
+    if not isinstance(stage_plans, dict):
+        raise RequestError("stage_plans", f"must be a dict {{stage name: {{plan argument: value}}}}, got "
+                           f"{_show(stage_plans)}")
+    unknown = sorted(set(stage_plans) - set(bundle.parts), key=str)
+    if unknown:
+        raise RequestError("stage_plans", f"no diffusion stage {_show(unknown[0])}; the cascade's stages are "
+                           f"{', '.join(bundle.parts)}")
+    stage_options = []
+    for name, part in bundle.parts.items():
+        override = stage_plans.get(name) or {}
+        if not isinstance(override, dict) or set(override) - set(PLAN_ARGUMENTS):
+            raise RequestError("stage_plans", f"{name}: takes plan arguments ({', '.join(PLAN_ARGUMENTS)}), got "
+                               f"{_show(override)}")
+        arguments = {**{k: v for k, v in plan.items() if v is not None}, **override}
+        try:
+            stage_options.append(check_decoder_batch(validate_options(part, **arguments), images))
+        except RequestError as exc:
+            raise RequestError(exc.field, f"{name}: {exc.message}") from None
+    return tuple(stage_options)
+
+
+def validate_text_extras(bundle: Bundle, images: int, per_prompt: int, prompt_2, negative_prompt_2, noise_level,
+                         sizes: dict) -> dict:
+    """SDXL's second prompts and size conditioning, IF's noise level: checked, and refused by other families."""
+    sdxl = bundle.family == "unet" and bool(bundle.model_config.get("sdxl"))
+    given = {k: v for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2), *sizes.items())
+             if v is not None}
+    if given and not sdxl:
+        raise RequestError(next(iter(given)), "applies to SDXL bundles only")
+
+    def per_image(field: str, value) -> list[str] | None:
+        if value is None:
+            return None
+        texts = check_prompts(field, value, allow_empty=True)
+        if len(texts) == 1:
+            return texts * images
+        if len(texts) * per_prompt == images:
+            return [t for t in texts for _ in range(per_prompt)]
+        raise RequestError(field, f"{len(texts)} prompts for {images // per_prompt} prompts (give one, or one per "
+                           f"prompt)")
+
+    extras = {"prompts_2": per_image("prompt_2", prompt_2),
+              "negative_prompts_2": per_image("negative_prompt_2", negative_prompt_2)}
+    pairs = {k: check_pair(k, v) for k, v in sizes.items() if v is not None}
+    extras["size_conditioning"] = SizeConditioning(**pairs) if pairs else None
+    extras["noise_level"] = None if noise_level is None else check_noise_level(bundle, noise_level)
+    return extras
+
+
+def check_pair(field: str, value: Any) -> tuple[int, int]:
+    """SDXL's sizes and crop corners: (height, width) / (y, x) in pixels."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)) or len(value) != 2:
+        raise RequestError(field, f"must be two integers (height/y, width/x), got {_show(value)}")
+    low = 0 if "crops" in field else 1  # crop corners may be 0, sizes not
+    return tuple(check_int(field, v, low, MAX_SIZE_CONDITIONING) for v in value)
+
+
+def check_noise_level(bundle: Bundle, level: Any) -> int:
+    """IF super-resolution: the upscaled image's noise level, a timestep of each such stage's noising scheduler."""
+    stages = list(bundle.parts.values()) if bundle.family == "cascade" else [bundle]
+    limits = [s.model_config["if"]["noising_scheduler"].get("num_train_timesteps", 1000) for s in stages
+              if s.family == "if" and s.model_config["if"]["role"] == "super_resolution"]
+    if not limits:
+        raise RequestError("noise_level", "applies to DeepFloyd-IF super-resolution stages (and cascades with one)")
+    return check_int("noise_level", level, 0, min(limits) - 1)
 
 
 def validate_options(
@@ -281,9 +394,11 @@ def validate_options(
 
 
 def image_size(bundle: Bundle) -> tuple[int, int]:
-    """The size a bundle's images come out at by default: (height, width) in pixels."""
+    """The size a bundle's images come out at by default: (height, width) in pixels (a cascade: stage I's)."""
+    if bundle.family == "cascade":
+        return image_size(next(iter(bundle.parts.values())))
     cfg = bundle.model_config
-    if bundle.family in TEXT_FAMILIES:
+    if bundle.family in UNET_FAMILIES:
         return tuple(s * cfg["vae_scale_factor"] for s in cfg["sample_size"])
     if "vae_decoder" in bundle.stages:  # a DiT's VAE stage is exported at its one latent size: static axes
         height, width = bundle.stage("vae_decoder").outputs[0].shape[-2:]
@@ -293,8 +408,19 @@ def image_size(bundle: Bundle) -> tuple[int, int]:
 
 def check_size(bundle: Bundle, height: Any, width: Any) -> tuple[int | None, int | None]:
     """UNets take multiples of what their down path divides by; a DiT makes exactly its trained size."""
+    if bundle.family == "cascade":  # stage I's size; every later stage keeps its size ratio to it
+        stages = list(bundle.parts.values())
+        height, width = check_size(stages[0], height, width)
+        first = image_size(stages[0])
+        for name, stage in list(bundle.parts.items())[1:]:
+            h, w = image_size(stage)
+            try:
+                check_size(stage, round(height * h / first[0]), round(width * w / first[1]))
+            except RequestError as exc:
+                raise RequestError(exc.field, f"{height}x{width} makes {name} {exc.message}") from None
+        return height, width
     default = image_size(bundle)
-    unet = bundle.family in TEXT_FAMILIES
+    unet = bundle.family in UNET_FAMILIES
     if height is None and width is None:
         return default if unet else (None, None)
     h = default[0] if height is None else check_int("height", height, 1, MAX_PIXELS)
@@ -315,10 +441,14 @@ def check_size(bundle: Bundle, height: Any, width: Any) -> tuple[int | None, int
 
 def check_latents(bundle: Bundle, latents: Any, images: int, height: int | None, width: int | None,
                   frames: int | None = None) -> np.ndarray:
+    if bundle.family == "cascade":
+        raise RequestError("latents", "a cascade draws every stage's noise from the seed or generator; give latents "
+                           "to one diffusion stage bundle (CASCADE/stage_1)")
     cfg = bundle.model_config
-    if bundle.family in TEXT_FAMILIES:
+    if bundle.family in UNET_FAMILIES:
         f = cfg["vae_scale_factor"]
-        shape = (images, cfg["in_channels"], *((frames,) if frames else ()), height // f, width // f)
+        channels = cfg["if"]["image_channels"] if bundle.family == "if" else cfg["in_channels"]
+        shape = (images, channels, *((frames,) if frames else ()), height // f, width // f)
     else:
         shape = (images, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     array = np.asarray(latents)

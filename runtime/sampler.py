@@ -224,13 +224,23 @@ class PlanSampler:
         """The model prediction (epsilon / v) channels of a decoder/full output."""
         raise NotImplementedError
 
+    def guide(self, cond: np.ndarray, uncond: np.ndarray, guidance: float) -> np.ndarray:
+        """Classifier-free guidance of the rows' predictions."""
+        return uncond + np.float32(guidance) * (cond - uncond)
+
+    def scheduler_input(self, pred: np.ndarray, scheduler) -> np.ndarray:
+        """What the scheduler's step takes of the guided prediction (all of it unless a family says otherwise)."""
+        return pred
+
     # --- the loop -----------------------------------------------------------------------------------------------
     def run_plan(self, noise: np.ndarray, options: SamplingOptions, context, seed: int = 0,
-                 generator: np.random.Generator | None = None) -> SampleResult:
+                 generator=None) -> SampleResult:
+        """``generator``: the noise source of stochastic schedulers (DDPM), anything with numpy's
+        ``standard_normal(shape, dtype=)``; default ``np.random.default_rng(seed + 1)``."""
         images = len(noise)
         prepared = self.prepare(options, images, context)
         scheduler, timesteps = prepared.scheduler, prepared.timesteps
-        rng = generator or np.random.default_rng(seed + 1)  # for stochastic schedulers (DDPM)
+        rng = np.random.default_rng(seed + 1) if generator is None else generator
         cfg = prepared.cfg
         z_T = (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
         z = z_T
@@ -266,7 +276,8 @@ class PlanSampler:
             if cfg:
                 first, second = pred[: steps * images], pred[steps * images :]
                 cond, uncond = (first, second) if self.cond_first else (second, first)
-                pred = uncond + np.float32(options.guidance) * (cond - uncond)
+                pred = self.guide(cond, uncond, options.guidance)
+            pred = self.scheduler_input(pred, scheduler)
             pred = pred.reshape(steps, images, *pred.shape[1:])
             for j, step in enumerate(call.steps):
                 t = timesteps[step]

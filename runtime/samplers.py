@@ -15,6 +15,10 @@ def sampler_class(bundle: Bundle) -> type:
         from .unet_sampler import UNetSampler
 
         return UNetSampler
+    if bundle.family in ("if", "cascade"):
+        from .if_sampler import CascadeSampler, IFStageSampler
+
+        return IFStageSampler if bundle.family == "if" else CascadeSampler
     from .dit_sampler import DiTSampler
 
     return DiTSampler

@@ -9,6 +9,15 @@ from dit_reference import make_diffusers_dit, random_original_dit
 from sd_reference import tiny_clip, tiny_controlnet, tiny_tokenizer_vocab, tiny_unet, tiny_vae
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine 2 OpenMP threads make torch ~7x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def original_dit():
     """An original-format DiT (TINY_CFG: 8x8x4 latent, hidden 64, depth 4, 4 heads, 10 classes, learned sigma)."""
@@ -210,6 +219,68 @@ def sd_bundle_dir(sd_dir, controlnet_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "sd"
     return build_unet_bundle(str(sd_dir), str(out), controlnet=str(controlnet_dir), steps=10, cache="deep:0,1,3,4",
                              progress=lambda m: None)
+
+
+# --- SDXL: a scaled-down StableDiffusionXLPipeline directory and a bundle of it ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    from sd_reference import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(sdxl_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl") / "pipeline"
+    sdxl_pipe.save_pretrained(path)  # tokenizer.json only (transformers >= 5): the build converts both tokenizers
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_bundle_dir(sdxl_dir, tmp_path_factory):
+    """Both text encoders, encoder, decoder and the VAE; no full graph (--no-full: the baseline runs encoder +
+    decoder every step), which keeps the default suite's export time down. The slow tests build the rest."""
+    from keystep.export.build import build_unet_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "sdxl"
+    return build_unet_bundle(str(sdxl_dir), str(out), steps=10, full=False, progress=lambda m: None)
+
+
+# --- DeepFloyd-IF: scaled-down IFPipeline + IFSuperResolutionPipeline directories and a cascade bundle -----------
+
+
+@pytest.fixture(scope="session")
+def if_pipes():
+    from if_reference import tiny_if_pipelines
+
+    return tiny_if_pipelines()
+
+
+@pytest.fixture(scope="session")
+def if_dirs(if_pipes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("if")
+    for i, pipe in enumerate(if_pipes, start=1):
+        pipe.save_pretrained(root / f"stage_{i}")
+    return root / "stage_1", root / "stage_2"
+
+
+@pytest.fixture(scope="session")
+def if_bundle_dir(if_dirs, tmp_path_factory):
+    """The cascade (T5 + stage I + stage II), each diffusion stage without its full graph (--no-full keeps the
+    default suite's exports down; the slow tests build one with it). Every graph is written with external data
+    (the threshold patched to 0), the path the real 4.7B-parameter T5 takes."""
+    from unittest import mock
+
+    from keystep.export.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "if"
+    with mock.patch("keystep.export.bundle_writer.EXTERNAL_DATA_BYTES", 0):
+        return build_bundle(str(if_dirs[0]), str(out), super_resolution=[str(if_dirs[1])], steps=10, full=False,
+                            progress=lambda m: None)
 
 
 # --- text-to-video: a tiny UNet3D pipeline (ModelScope's config scaled down) and a bundle built from it -------------

@@ -50,6 +50,53 @@ def tiny_tokenizer_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
+# SDXL base scaled down: 3 levels (DownBlock2D, then two CrossAttn levels), 1 layer per down block (2 up: the up
+# path is deeper, as SDXL's 2/3), transformer depth growing per level (SDXL: 1/2/10 -> 1/1/2), linear projections,
+# heads per level, text_time added embedding (pooled projection 32 + 6 time ids x 8), two text encoders of
+# different widths (24 + 40 = 64).
+TINY_SDXL_UNET = dict(
+    block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4), use_linear_projection=True, cross_attention_dim=64, sample_size=16,
+    norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+)
+SDXL_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                      timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
+
+
+def tiny_sdxl_text_encoders():
+    """(CLIPTextModel, CLIPTextModelWithProjection), 3 layers each so the penultimate layer is not the last."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    common = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, vocab_size=1000,
+                  max_position_embeddings=77, bos_token_id=512, eos_token_id=513)
+    torch.manual_seed(4)
+    first = CLIPTextModel(CLIPTextConfig(hidden_size=24, pad_token_id=513, **common)).eval()
+    torch.manual_seed(5)
+    second = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=40, projection_dim=32, pad_token_id=0,
+                                                        **common)).eval()
+    return first, second
+
+
+def tiny_sdxl_pipeline(seed=6):
+    """A StableDiffusionXLPipeline of tiny random parts (the second tokenizer pads with "!" like OpenCLIP bigG)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    unet = tiny_unet(seed, **TINY_SDXL_UNET)
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.13025)
+    first, second = tiny_sdxl_text_encoders()
+    vocab = tiny_tokenizer_vocab()
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=first, text_encoder_2=second,
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="!"),
+        unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), force_zeros_for_empty_prompt=True,
+        add_watermarker=False)
+
+
 def tiny_controlnet(unet):
     from diffusers import ControlNetModel
 
@@ -68,13 +115,30 @@ def tiny_controlnet(unet):
 # --- FasterDiffusion for UNets, written from the paper's definition with diffusers' own blocks ----------------------
 
 
-def time_embedding(unet, t):
-    return unet.time_embedding(unet.time_proj(t).to(torch.float32))
+def time_embedding(unet, t, added=None, class_labels=None, text=None):
+    """emb as UNet2DConditionModel.forward defines it: time MLP(sinusoid(t)) [+ class MLP(sinusoid(class_labels)),
+    class_embed_type "timestep"] [+ attention-pooled raw text, addition_embed_type "text"] [+ SDXL's added
+    embedding of (pooled text, sinusoid(time ids))], then time_embed_act."""
+    emb = unet.time_embedding(unet.time_proj(t).to(torch.float32))
+    if class_labels is not None:
+        emb = emb + unet.class_embedding(unet.time_proj(class_labels).to(torch.float32))
+    if unet.config.addition_embed_type == "text":
+        emb = emb + unet.add_embedding(text)
+    if added is not None:
+        time_embeds = unet.add_time_proj(added["time_ids"].flatten()).reshape(len(t), -1)
+        emb = emb + unet.add_embedding(torch.cat([added["text_embeds"], time_embeds], dim=-1))
+    return emb if unet.time_embed_act is None else unet.time_embed_act(emb)
 
 
-def fd_encode(unet, sample, t, text, down_res=None, mid_res=None):
+def cross_attention_states(unet, text):
+    """encoder_hid_proj (IF: T5 width -> cross-attention width) when the UNet has one."""
+    return text if unet.encoder_hid_proj is None else unet.encoder_hid_proj(text)
+
+
+def fd_encode(unet, sample, t, text, down_res=None, mid_res=None, added=None, class_labels=None):
     """conv_in + down blocks + mid block at the key step -> (skip features incl. conv_in output, mid feature)."""
-    emb = time_embedding(unet, t)
+    emb = time_embedding(unet, t, added, class_labels, text)
+    text = cross_attention_states(unet, text)
     h = unet.conv_in(sample)
     skips = (h,)
     for block in unet.down_blocks:
@@ -89,9 +153,10 @@ def fd_encode(unet, sample, t, text, down_res=None, mid_res=None):
     return skips, (h if mid_res is None else h + mid_res)
 
 
-def fd_decode(unet, skips, mid, t, text):
-    """Up blocks + output head with the current step's own timestep."""
-    emb = time_embedding(unet, t)
+def fd_decode(unet, skips, mid, t, text, added=None, class_labels=None):
+    """Up blocks + output head with the current step's own timestep (and the rows' added conditioning)."""
+    emb = time_embedding(unet, t, added, class_labels, text)
+    text = cross_attention_states(unet, text)
     h = mid
     for block in unet.up_blocks:
         res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
@@ -102,34 +167,64 @@ def fd_decode(unet, skips, mid, t, text):
     return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
 
 
-def sd_encoder_propagation_sample(pipe, scheduler, prompt, negative_prompt, latents, steps, guidance, key_steps,
-                                  injection=(0.003, 0.5), controlnet=None, control_image=None, control_scale=1.0):
-    """A plain sequential loop: encoder (and ControlNet) at key steps, decoder every step, CFG [uncond, cond],
-    z <- z + alpha*z_T before each scheduler step with t < tau*T. ``latents`` as StableDiffusionPipeline takes them."""
+def encoder_propagation_loop(unet, scheduler, text, latents, steps, guidance, key_steps, injection=(0.003, 0.5),
+                             added=None, controlnet=None, control_image=None, control_scale=1.0, image=None,
+                             class_labels=None, generator=None):
+    """A plain sequential loop: encoder (and ControlNet) at key steps, decoder every step, CFG rows [uncond, cond]
+    (``text``, ``added``, ``class_labels`` already in that layout), z <- z + alpha*z_T before each scheduler step
+    with t < tau*T. ``latents`` as the diffusers pipelines take them. IF: ``image`` (the upscaled image, one row per
+    sample) is concatenated to the sample's channels, a UNet with twice the sample's output channels has learned
+    variance (guidance on epsilon, the conditional half's variance kept), ``generator`` feeds DDPM's noise."""
     import copy
 
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(steps)
-    unet = pipe.unet
+    channels = latents.shape[1]
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt)
-        text = torch.cat([uncond, cond])
         z_T = latents * scheduler.init_noise_sigma
         z = z_T
         control = None if control_image is None else torch.cat([control_image, control_image])
         for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.scale_model_input(torch.cat([z, z]), t)
+            x = z if image is None else torch.cat([z, image], dim=1)
+            x = scheduler.scale_model_input(torch.cat([x, x]), t)
             rows_t = t.expand(len(x)).float()
             if i in key_steps:
                 down = mid = None
                 if controlnet is not None:
                     down, mid = controlnet(x, rows_t, encoder_hidden_states=text, controlnet_cond=control,
-                                           conditioning_scale=control_scale, return_dict=False)
-                cache = fd_encode(unet, x, rows_t, text, down, mid)
-            noise = fd_decode(unet, *cache, rows_t, text)
+                                           conditioning_scale=control_scale, added_cond_kwargs=added,
+                                           return_dict=False)
+                cache = fd_encode(unet, x, rows_t, text, down, mid, added, class_labels)
+            noise = fd_decode(unet, *cache, rows_t, text, added, class_labels)
             u, c = noise.chunk(2)
-            eps = u + guidance * (c - u)
+            eps = u[:, :channels] + guidance * (c[:, :channels] - u[:, :channels])
+            if noise.shape[1] > channels:
+                eps = torch.cat([eps, c[:, channels:]], dim=1)
             if injection is not None and t < injection[1] * scheduler.config.num_train_timesteps:
                 z = z + injection[0] * z_T
-            z = scheduler.step(eps, t, z).prev_sample
+            z = scheduler.step(eps, t, z, generator=generator).prev_sample if generator is not None else \
+                scheduler.step(eps, t, z).prev_sample
     return z
+
+
+def sd_encoder_propagation_sample(pipe, scheduler, prompt, negative_prompt, latents, steps, guidance, key_steps,
+                                  injection=(0.003, 0.5), controlnet=None, control_image=None, control_scale=1.0):
+    """The loop for a StableDiffusionPipeline (its own encode_prompt)."""
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt)
+    return encoder_propagation_loop(pipe.unet, scheduler, torch.cat([uncond, cond]), latents, steps, guidance,
+                                    key_steps, injection, None, controlnet, control_image, control_scale)
+
+
+def sdxl_conditioning(pipe, prompt, height, width, negative_prompt=None):
+    """(text, added) in CFG layout [negative, prompt] from StableDiffusionXLPipeline's own encode_prompt and
+    _get_add_time_ids (default sizes: original = target = (height, width), crop (0, 0))."""
+    with torch.no_grad():
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt)
+    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), torch.float32,
+                                      pipe.text_encoder_2.config.projection_dim)
+    rows = len(cond)
+    added = {"text_embeds": torch.cat([uncond_pooled, pooled]), "time_ids": time_ids.repeat(2 * rows, 1)}
+    return torch.cat([uncond, cond]), added

@@ -29,13 +29,7 @@ from sd_reference import tiny_clip, tiny_controlnet, tiny_tokenizer_vocab, tiny_
 SIZES = [(1, 16, 16, 77), (3, 24, 40, 5), (2, 13, 11, 9), (4, 6, 10, 1), (66, 4, 6, 3)]
 TOL = dict(rtol=1e-4, atol=1e-4)
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny sd_models gain nothing from threads, and on a busy machine 2 OpenMP threads make torch ~7x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def session(path):
@@ -260,22 +254,25 @@ def test_decoder_onnx_uses_the_final_embedding(tmp_path):
     check_variant(unet, lambda feeds: sess.run(None, feeds)[0])
 
 
-def test_rejects_sdxl_and_class_conditional_unets(sd_dir, tmp_path):
-    sdxl = tiny_unet(addition_embed_type="text_time", addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=32 + 6 * 8)
-    with pytest.raises(ModelLoadError, match="SDXL"):
-        unet_stages(LoadedSD(sdxl))
+def test_rejects_unsupported_unets_and_layouts(sd_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="class labels"):
-        unet_stages(LoadedSD(tiny_unet(class_embed_type="timestep")))
+        unet_stages(LoadedSD(tiny_unet(class_embed_type="projection", projection_class_embeddings_input_dim=4)))
+    with pytest.raises(ModelLoadError, match="class labels"):
+        unet_stages(LoadedSD(tiny_unet(num_class_embeds=10)))
     with pytest.raises(ModelLoadError, match="timestep_cond"):
         unet_stages(LoadedSD(tiny_unet(time_cond_proj_dim=16)))
     copy = tmp_path / "sdxl"
     shutil.copytree(sd_dir, copy)
     config = json.loads((copy / "unet" / "config.json").read_text())
     (copy / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
-    with pytest.raises(ModelLoadError, match="SDXL"):
-        load_sd_pipeline_dir(copy)
+    with pytest.raises(ModelLoadError, match="does not match the StableDiffusionPipeline layout"):
+        load_sd_pipeline_dir(copy)  # an SDXL UNet needs the SDXL layout (two text encoders)
     (copy / "unet" / "config.json").write_text(json.dumps(config))
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(ModelLoadError, match="refiner"):
+        load_sd_pipeline_dir(copy)
+    (copy / "model_index.json").write_text(json.dumps(index))
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         (copy / "tokenizer" / name).unlink(missing_ok=True)
     with pytest.raises(ModelLoadError, match="neither vocab.json"):

@@ -67,7 +67,9 @@ class RowRequest:
     def group_key(self) -> str:
         """Requests with equal keys run as one sampling run (same plan, steps, guidance, size)."""
         r = self.request
-        return json.dumps([vars(r.options), r.height, r.width, r.num_frames], sort_keys=True, default=str)
+        # without a negative prompt SDXL's negative half is zeros, not the encoded "": such rows run on their own
+        return json.dumps([vars(r.options), r.height, r.width, r.num_frames, r.negative_prompts is None],
+                          sort_keys=True, default=str)
 
 
 def _rows(name: str, value: np.ndarray, rows: int | None) -> np.ndarray:
@@ -165,7 +167,8 @@ def merged_request(parts: list[RowRequest], latent_shape) -> GenerationRequest:
     prompts = labels = negatives = None
     if first.prompts is not None:
         prompts = [p for part in parts for p in part.request.prompts]
-        negatives = [n for part in parts for n in (part.request.negative_prompts or [""] * part.rows)]
+        if first.negative_prompts is not None:  # then every part has them (group_key)
+            negatives = [n for part in parts for n in part.request.negative_prompts]
     if first.class_labels is not None:
         labels = [c for part in parts for c in part.request.class_labels]
     return replace(first, images=len(seeds), prompts=prompts, negative_prompts=negatives, class_labels=labels,

@@ -17,7 +17,7 @@ import numpy as np
 from keystep.runtime.atomic import write_atomic
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.pipeline import Pipeline, make_backend, to_pil
-from keystep.runtime.request import RequestError, check_size
+from keystep.runtime.request import TEXT_FAMILIES, RequestError, check_size
 from keystep.runtime.sampler import SamplingError
 from keystep.runtime.video_output import check_video_path, write_videos
 
@@ -40,6 +40,18 @@ def add_generate_arguments(p, list_flag) -> None:
     p.add_argument("--save-latents", help="write the final latents (float32 .npy)")
     p.add_argument("--frames", type=int, help="text-to-video: frames per video (default: the bundle's)")
     p.add_argument("--fps", type=float, default=8.0, help="text-to-video: frames per second of the .gif/.mp4")
+    sdxl = p.add_argument_group("SDXL (StableDiffusionXLPipeline's arguments of the same names)")
+    list_flag(sdxl, "--prompt-2", dest="prompt_2", help="prompt(s) for the second text encoder (default: --prompt)")
+    sdxl.add_argument("--negative-prompt-2", help="negative prompt for the second text encoder")
+    for flag, what in (("--original-size", "the original image size (default: the output size)"),
+                       ("--crops-coords-top-left", "the crop's top-left corner Y X (default 0 0)"),
+                       ("--target-size", "the target size (default: the output size)")):
+        sdxl.add_argument(flag, type=int, nargs=2, metavar=("H", "W"), help=f"size conditioning: {what}")
+    cascade = p.add_argument_group("DeepFloyd-IF cascades")
+    cascade.add_argument("--stage", dest="stages", action="append", metavar="NAME",
+                         help="apply the plan flags to this diffusion stage only (repeatable; default: every stage)")
+    cascade.add_argument("--noise-level", type=int, help="super-resolution stages: the upscaled image's noise "
+                         "level (default: the stage's, 250)")
 
 
 def cmd_generate(args, backend_options: dict, plan_arguments: dict) -> int:
@@ -50,18 +62,22 @@ def cmd_generate(args, backend_options: dict, plan_arguments: dict) -> int:
     if args.control_image:
         from keystep.runtime.unet_sampler import load_control_image
 
-        height, width = check_size(bundle, args.height, args.width)
-        if height is None:
+        if "controlnet" not in bundle.stages:  # before reading the image (DiTs, cascades, video: none)
             raise RequestError("control_image", "this bundle has no ControlNet stage (build it with --controlnet)")
+        height, width = check_size(bundle, args.height, args.width)
         control = load_control_image(args.control_image, height, width)
     class_labels = args.class_labels
-    if bundle.family != "unet" and class_labels is None and not args.prompt:
+    if bundle.family not in TEXT_FAMILIES and class_labels is None and not args.prompt:
         class_labels = [0]
+    if args.stages:  # the plan flags for the named cascade stages only
+        plan_arguments = {"stage_plans": {name: dict(plan_arguments) for name in args.stages}}
+    sizes = {k: getattr(args, k) for k in ("original_size", "crops_coords_top_left", "target_size")}
     request = pipe.validate(
         prompt=args.prompt, negative_prompt=args.negative_prompt, class_labels=class_labels,
         num_images_per_prompt=args.images, height=args.height, width=args.width, seed=args.seed, latents=init,
         output_type="latent", control_image=control, controlnet_conditioning_scale=args.control_scale,
-        num_frames=args.frames, **plan_arguments)
+        num_frames=args.frames, prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
+        noise_level=args.noise_level, **{k: v for k, v in sizes.items() if v is not None}, **plan_arguments)
     out, latents_path = output_paths(args, pipe)
     if out is not None and not args.out:
         print(f"no --out given: writing {out}")

@@ -11,7 +11,7 @@ from keystep.runtime.backends.base import backend_names
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.errors import KeystepError
 from keystep.runtime.request import RequestError, validate_options
-from keystep.runtime.sampler import SamplingOptions
+from keystep.runtime.sampler import SamplingError, SamplingOptions
 from keystep.runtime.schedulers import SCHEDULERS
 
 from .args import Parser, list_flag
@@ -88,12 +88,13 @@ def cmd_build(args) -> int:
     environment = _trt_environment(args) if args.backend == "tensorrt" else None
     options = {} if args.guidance is None else {"guidance": args.guidance}
     width = {"width": args.width, "max_profiles": args.max_profiles, "token_skip": args.token_skip,
-             "cache": args.cache, "frames": args.frames}
+             "cache": args.cache, "frames": args.frames, "full": False if args.no_full else None}
     options.update({k: v for k, v in width.items() if v is not None})
     out = build_bundle(
         args.model,
         args.out,
         controlnet=args.controlnet,
+        super_resolution=args.super_resolution or (),
         split=args.split,
         scheduler=args.scheduler,
         scheduler_config=args.scheduler_config,
@@ -118,6 +119,12 @@ def cmd_generate(args) -> int:
 
 def cmd_inspect(args) -> int:
     bundle = Bundle.load(args.bundle, verify=not args.no_verify)
+    if bundle.family == "cascade":
+        from .cascade import describe_cascade, format_cascade
+
+        description = describe_cascade(bundle, args, options_from_args, describe_bundle)
+        print(json.dumps(description, indent=2) if args.json else format_cascade(description, format_description))
+        return 0
     options = options_from_args(bundle, args)
     description = describe_bundle(bundle, options, images=args.images)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
@@ -158,6 +165,9 @@ def build_engines_from_args(bundle_dir, args, environment=None) -> int:
     from keystep.runtime.engine_plan import EngineTargets
 
     bundle = Bundle.load(bundle_dir)
+    if bundle.family == "cascade":
+        raise SamplingError(f"TensorRT engines are built per diffusion stage of a cascade: keystep engines "
+                            f"{bundle.root}/<stage> (the cascade's T5 stage has no engine path yet)")
     scale = bundle.model_config.get("vae_scale_factor", 1)
     sizes = {axis: px // scale for axis, px in (("height", args.engine_height), ("width", args.engine_width)) if px}
     targets = EngineTargets(tuple(args.engine_plans or ("default", "all")), tuple(args.engine_images),
@@ -218,6 +228,9 @@ def cmd_tune(args) -> int:
     from .tune import format_record, tune, write_tuned_plan
 
     bundle = Bundle.load(args.bundle)
+    if bundle.family == "cascade":
+        raise SamplingError(f"tune one diffusion stage of the cascade: keystep tune {bundle.root}/<stage> (stages: "
+                            f"{', '.join(p['name'] for p in bundle.manifest['cascade'])})")
     options = options_from_args(bundle, args)
     sampler = sampler_for(bundle, backend_from_args(args))
     classes = args.class_labels or list(range(min(4, bundle.model_config.get("num_classes", 0))))
@@ -259,12 +272,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=int, help="encoder = blocks[:K] (default round(depth*18/28))")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="scheduler class stored in the bundle")
     p.add_argument("--scheduler-config", help="a diffusers scheduler_config.json (class and fields honoured)")
-    p.add_argument("--steps", type=int, default=50, help="default number of steps")
+    p.add_argument("--steps", type=int, help="default number of steps (50; IF: stage I 100, stage II 50)")
     p.add_argument("--key-steps", help="default key-step plan (default: 'default', or a shipped model's tuned plan)")
     p.add_argument("--guidance", type=float, help="default guidance scale (DiT 4.0, UNet 7.5)")
     p.add_argument("--controlnet", help="a diffusers ControlNetModel directory (UNet models)")
+    p.add_argument("--super-resolution", action="append", metavar="DIR",
+                   help="DeepFloyd-IF: an IFSuperResolutionPipeline directory, the cascade's next stage (repeatable, "
+                   "in order); MODEL is the IFPipeline (stage I) directory")
     p.add_argument("--cache", help="feature-caching stages to build: deep:ID[,ID...] (UNet, DeepCache branch ids "
                    "as in the deepcache package) or blocks:FIRST-LAST[,...] (DiT, block ranges skipped at cached steps)")
+    p.add_argument("--no-full", action="store_true",
+                   help="UNet: leave out the full graph (it repeats the encoder's and decoder's weights); the baseline "
+                   "plan then runs encoder + decoder at every step; cache plans need it")
     p.add_argument("--num-heads", type=int, help="attention heads (original checkpoints: default hidden/64)")
     p.add_argument("--frames", type=int, help="text-to-video: default frame count (FLOPs are counted at it; 16)")
     p.add_argument("--precision", help="stage graph precision: fp32 (default), fp16 or bf16 (every stage but the VAE; "
@@ -297,6 +316,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--images", type=int, default=1, help="images per batch for the plan shown")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    p.add_argument("--stage", dest="stages", action="append", metavar="NAME",
+                   help="cascades: apply the plan flags to this diffusion stage only (repeatable)")
     add_plan_arguments(p)
     p.set_defaults(func=cmd_inspect)
 

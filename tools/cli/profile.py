@@ -37,7 +37,7 @@ from ..bench.common import cpu_name
 from .args import list_flag
 
 # the order stages appear in tables and plots (only those that ran are shown)
-STAGE_ORDER = ("text_encoder", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")
+STAGE_ORDER = ("text_encoder", "text_encoder_2", "encoder", "controlnet", "decoder", "full", "cached", "vae_decoder", "host")
 PLAN_STAGES = ("encoder", "decoder", "full", "cached")  # the ones inside run_plan's call list
 SPATIAL_STAGES = ("encoder", "decoder", "full", "cached", "controlnet", "vae_decoder")  # FLOPs scale with the image area
 
@@ -46,7 +46,7 @@ def stage_kind(name: str) -> str:
     """A width engine ("decoder.w2") counts as its stage ("decoder")."""
     return name.split(".", 1)[0]
 STAGE_COLOURS = {
-    "text_encoder": "#8c564b", "encoder": "#1f77b4", "controlnet": "#9467bd", "decoder": "#ff7f0e",
+    "text_encoder": "#8c564b", "text_encoder_2": "#bcbd22", "encoder": "#1f77b4", "controlnet": "#9467bd", "decoder": "#ff7f0e",
     "full": "#2ca02c", "cached": "#17becf", "vae_decoder": "#e377c2", "host": "#7f7f7f",
 }
 DEFAULT_PROMPT = "a photo"
@@ -278,7 +278,8 @@ def profile_bundle(
         return flops * (flops_scale if stage_kind(stage) in SPATIAL_STAGES else 1.0)
 
     # load every session before timing (the runtime loads lazily, inside the first call)
-    needed = {"text_encoder"} if bundle.family in ("unet", "unet3d") else set()
+    needed = {s for s in ("text_encoder", "text_encoder_2") if s in bundle.stages} \
+        if bundle.family in ("unet", "unet3d") else set()
     for entry in entries:
         needed |= {c.runner for c in sampler.prepare(entry.options, images).calls}
     if settings.get("control"):  # the baseline runs encoder + decoder every step; the full graph is never used
@@ -338,6 +339,23 @@ def _workload(sampler, bundle, class_labels, prompts, negative_prompt, height, w
               seed):
     """``run(options) -> (SampleResult, decode-or-None)`` for the bundle's family, the settings to report, and the
     factor the manifest's FLOPs (counted at the model's default size) are scaled by."""
+    if bundle.family == "cascade":
+        raise ProfileError(f"profile one diffusion stage of the cascade: keystep profile {bundle.root}/<stage> "
+                           f"(stages: {', '.join(p['name'] for p in bundle.manifest['cascade'])})")
+    if bundle.family == "if":  # one IF diffusion stage: its inputs (T5, earlier stages) are computed once, cached
+        if class_labels or control_image is not None:
+            raise SamplingError("an IF stage takes --prompt (no --class, no --control-image)")
+        prompts = list(prompts or [DEFAULT_PROMPT])
+        h, w = sampler.output_size(height, width)
+
+        def run(options):
+            result = sampler.sample(prompts, options, negative_prompt=negative_prompt, height=h, width=w, seed=seed)
+            return result, sampler.decode(result.latents)
+
+        dh, dw = sampler.default_size
+        settings = {"images": len(prompts), "prompts": prompts, "negative_prompt": negative_prompt, "height": h,
+                    "width": w, "control": False, "control_scale": None}
+        return run, settings, (h * w) / (dh * dw)
     if bundle.family == "unet":
         from keystep.runtime.unet_sampler import load_control_image
 

@@ -101,8 +101,9 @@ class Calibration:
         return len(self.classes) if self.sampler.family == "dit" else len(self.prompts)
 
 
-def similarity_key_steps(calibration: Calibration, budget_flops: float) -> str:
-    """Key steps where the encoder features changed most between adjacent steps, as many as fit the budget."""
+def encoder_feature_change(calibration: Calibration) -> np.ndarray:
+    """One run per calibration input with the encoder at every step: per step i >= 1, the mean over the runs of the
+    relative L2 change of the encoder outputs from step i - 1 (index 0 holds 0)."""
     sampler = calibration.sampler
     if sampler.bundle.width is not None:
         raise TuneError("--method similarity needs a dense bundle (width bundles run several encoder engines)")
@@ -126,7 +127,14 @@ def similarity_key_steps(calibration: Calibration, budget_flops: float) -> str:
         encoder.run = original_run
     per_seed = np.stack(features).reshape(calibration.seeds, steps, -1)  # runs are seed-major
     change = np.linalg.norm(np.diff(per_seed, axis=1), axis=2) / np.linalg.norm(per_seed[:, :-1], axis=2)
-    order = np.argsort(-change.mean(axis=0)) + 1  # step i+1 differs from step i
+    return np.concatenate([[0.0], change.mean(axis=0)])
+
+
+def similarity_key_steps(calibration: Calibration, budget_flops: float) -> str:
+    """Key steps where the encoder features changed most between adjacent steps, as many as fit the budget."""
+    options = calibration.options
+    change = encoder_feature_change(calibration)
+    order = np.argsort(-change[1:]) + 1  # step i differs from step i-1
     keys = [0]
     for step in order:
         trial = sorted(keys + [int(step)])

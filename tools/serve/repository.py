@@ -248,6 +248,10 @@ def write_repository(bundle_dir: str | Path, out: str | Path, options: Repositor
     """Write the repository into a temp dir next to ``out``, then rename it into place (never half-written)."""
     options.check()
     bundle = Bundle.load(bundle_dir)
+    if bundle.family in ("cascade", "if"):
+        raise RepositoryError("DeepFloyd-IF cascades (and their diffusion stages) are not served by keystep triton yet "
+                              "(several stages with their own plans and noise per request): run them with "
+                              "keystep.load(...) or keystep generate")
     can_decode = bundle.pixel_space or "vae_decoder" in bundle.stages
     out = Path(out).resolve()
     if out.exists() and not (out / "README.md").is_file():
