@@ -138,7 +138,9 @@ def test_demo_end_to_end(tmp_path):
     assert rows[3]["accuracy"] >= rows[0]["accuracy"] - 0.05
     sd_base, sd_keys = rows[4:]
     assert sd_base["speedup"] == 1 and sd_base["psnr_vs_baseline"] is None and sd_base["accuracy"] >= 0.8
-    assert sd_keys["speedup"] > 1 and sd_keys["baseline"] == "digits-sd"
+    # the UNet's key-step plan saves 13 % of the FLOPs (1.08x measured quiet): its time is noise on a shared CPU, so
+    # the saving is checked in FLOPs (speed is docs/benchmarks.md's job)
+    assert sd_keys["gflops_per_image"] < 0.9 * sd_base["gflops_per_image"] and sd_keys["baseline"] == "digits-sd"
     assert (tmp_path / "demo.md").is_file() and (tmp_path / "demo-plot.png").is_file()
     assert len(list(tmp_path.glob("*.png"))) == 7
 
