@@ -59,18 +59,32 @@ def token_router(hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(hidden, hidden // 16), nn.ReLU(), nn.Linear(hidden // 16, 1))
 
 
+def token_routers_never_skip(sd: dict[str, torch.Tensor], depth: int) -> bool:
+    """True when every block's token router is the constant "keep": last layer weight 0 and bias > 0, so the logit
+    is the bias whatever the token (a width-only DyDiT, saved in the official layout)."""
+    def constant_keep(i: int) -> bool:
+        w, b = (sd.get(f"blocks.{i}.token_selection.mlp_head.2.{n}") for n in ("weight", "bias"))
+        return w is not None and b is not None and not bool(w.any()) and bool((b > 0).all())
+
+    return all(constant_keep(i) for i in range(depth))
+
+
 def attach_dydit_routers(model: DiT, sd: dict[str, torch.Tensor]) -> WidthRouters:
     """Load the routers of an official DyDiT state dict: token routers go into the blocks (they are part of every
-    graph), the width routers are returned (the compiler evaluates them per timestep)."""
+    graph), the width routers are returned (the compiler evaluates them per timestep). Token routers that provably
+    keep every token are left out — exactly the same model, without the router and the gather in every graph."""
     cfg = model.config
     missing = [f"blocks.{i}.{k}.weight" for i in range(cfg.depth) for k in ROUTER_KEYS if f"blocks.{i}.{k}.weight" not in sd]
     if missing:
         raise ModelLoadError(f"incomplete DyDiT checkpoint: missing {missing[0]} (and {len(missing) - 1} more)")
     routers = WidthRouters(cfg.hidden_size, cfg.depth, cfg.num_heads)
+    keep_all_tokens = token_routers_never_skip(sd, cfg.depth)
     try:
         for i, block in enumerate(model.blocks):
             for mine, key in ((routers.attn[i], "attn_rate.router"), (routers.mlp[i], "mlp_rate.router")):
                 mine.load_state_dict({w: sd[f"blocks.{i}.{key}.{w}"].float() for w in ("weight", "bias")})
+            if keep_all_tokens:
+                continue
             block.token_router = token_router(cfg.hidden_size).eval()
             block.token_router.load_state_dict(
                 {f"{j}.{w}": sd[f"blocks.{i}.token_selection.mlp_head.{j}.{w}"].float() for j in (0, 2) for w in ("weight", "bias")}

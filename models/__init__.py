@@ -54,12 +54,14 @@ SHIPPED = {
         ),
         ShippedModel(
             "digits-dydit-0.5", "digits-dydit-0.5.safetensors",
-            "DyDiT fine-tune of digits-dit at lambda = 0.5 (official DyDiT checkpoint layout: width + token routers)",
+            "DyDiT fine-tune of digits-dit at lambda = 0.5: timestep-wise head/MLP widths, distilled from digits-dit "
+            "(official DyDiT checkpoint layout; its token routers keep every token)",
             default_plan={"steps": 50, "key_steps": "uniform:6", "guidance": 2.0},
         ),
         ShippedModel(
             "digits-dydit-0.7", "digits-dydit-0.7.safetensors",
-            "DyDiT fine-tune of digits-dit at lambda = 0.7 (official DyDiT checkpoint layout: width + token routers)",
+            "DyDiT fine-tune of digits-dit at lambda = 0.7: timestep-wise head/MLP widths, distilled from digits-dit "
+            "(official DyDiT checkpoint layout; its token routers keep every token)",
             default_plan={"steps": 50, "key_steps": "uniform:6", "guidance": 2.0},
         ),
         ShippedModel(

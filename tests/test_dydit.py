@@ -180,6 +180,36 @@ def test_incomplete_dydit_checkpoint_names_the_missing_key(dydit_model, tmp_path
         assert named == [keep[len("all but "):].removesuffix(".weight") + ".weight"]
 
 
+def test_width_only_checkpoint_loads_without_its_constant_token_routers(dydit_model, tmp_path):
+    """Token routers whose last layer is 0 with a positive bias keep every token whatever the input (a width-only
+    DyDiT in the official layout): the loader leaves them out, and the model still equals the reference."""
+    import copy
+
+    ref = copy.deepcopy(dydit_model)
+    with torch.no_grad():
+        for block in ref.blocks:
+            block.token_selection.mlp_head[2].weight.zero_()
+            block.token_selection.mlp_head[2].bias.fill_(35.0)
+    torch.save(ref.state_dict(), tmp_path / "width-only.pt")
+    loaded = load_dit(tmp_path / "width-only.pt")
+    assert all(block.token_router is None for block in loaded.model.blocks)
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0.0, 250.0, 600.0, 999.0]), torch.tensor([0, 3, 9, 10])
+    masks = torch.from_numpy(loaded.routers.masks(loaded.model, t.numpy())).float()  # (N, depth, 2, H)
+    model = loaded.model
+    with torch.no_grad():
+        c = model.condition(t, y)
+        hidden, counts = model.run_blocks(model.embed(x), c, 0, model.config.depth, masks[:, :, 0].flatten(1),
+                                          masks[:, :, 1].flatten(1))
+        assert counts is None
+        torch.testing.assert_close(model.head(hidden, c), ref(x, t, y), rtol=1e-5, atol=1e-5)
+    # one block whose router can skip tokens: every router is kept
+    sd = ref.state_dict()
+    sd["blocks.1.token_selection.mlp_head.2.weight"] = torch.ones_like(sd["blocks.1.token_selection.mlp_head.2.weight"])
+    torch.save(sd, tmp_path / "one-routed.pt")
+    assert all(block.token_router is not None for block in load_dit(tmp_path / "one-routed.pt").model.blocks)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 2. every engine == the dense masked reference, at every step it serves
 # --------------------------------------------------------------------------------------------------------------------

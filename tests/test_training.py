@@ -1,5 +1,7 @@
 """Training helpers: timestep samplers vs the SpeeDiT/SpeeD formulas, smoke runs of every training loop, the metrics."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -132,8 +134,196 @@ def test_demo_end_to_end(tmp_path):
     assert [r["plan"] for r in rows] == ["baseline", "key-step", "DyDiT 0.5 profiles", "DyDiT 0.5 + key-step",
                                          "text-to-image baseline", "text-to-image key-step"]
     assert rows[0]["accuracy"] >= 0.85 and all(r["speedup"] > 1 for r in rows[1:4])
+    # issue 18: DyDiT + its default plan keeps the dense baseline's quality (the first 800-iteration checkpoint: -10)
+    assert rows[3]["accuracy"] >= rows[0]["accuracy"] - 0.05
     sd_base, sd_keys = rows[4:]
     assert sd_base["speedup"] == 1 and sd_base["psnr_vs_baseline"] is None and sd_base["accuracy"] >= 0.8
-    assert sd_keys["speedup"] > 1 and sd_keys["baseline"] == "digits-sd"
+    # the UNet's key-step plan saves 13 % of the FLOPs (1.08x measured quiet): its time is noise on a shared CPU, so
+    # the saving is checked in FLOPs (speed is docs/benchmarks.md's job)
+    assert sd_keys["gflops_per_image"] < 0.9 * sd_base["gflops_per_image"] and sd_keys["baseline"] == "digits-sd"
     assert (tmp_path / "demo.md").is_file() and (tmp_path / "demo-plot.png").is_file()
     assert len(list(tmp_path.glob("*.png"))) == 7
+
+
+def test_demo_rebuilds_a_cached_bundle_when_the_shipped_weights_change(tmp_path, monkeypatch):
+    """A keystep-demo/ directory from before a model was retrained must not show the old model's numbers."""
+    import hashlib
+
+    import keystep.export.build
+    from keystep.models import shipped
+    from keystep.tools.cli import demo
+
+    entry = shipped("digits-dydit-0.5")
+    assert demo.weights_digest("digits-dydit-0.5") == hashlib.sha256(entry.path.read_bytes()).hexdigest()
+
+    builds, weights = [], {"digits-dydit-0.5": "old"}
+
+    def fake_build(model, out, steps, progress):  # the control flow only: a real build is the slow demo test
+        builds.append(model)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / demo.MANIFEST_NAME).write_text("{}")
+
+    class FakeBundle:
+        def __init__(self, steps):
+            self.default_plan = {"num_steps": steps}
+
+        @staticmethod
+        def load(path):
+            return FakeBundle(20)
+
+    monkeypatch.setattr(keystep.export.build, "build_bundle", fake_build)
+    monkeypatch.setattr(demo, "Bundle", FakeBundle)
+    monkeypatch.setattr(demo, "weights_digest", lambda model: weights[model])
+    demo.bundle_for("digits-dydit-0.5", tmp_path, 20)
+    demo.bundle_for("digits-dydit-0.5", tmp_path, 20)
+    assert builds == ["digits-dydit-0.5"]  # cached for the same weights
+    weights["digits-dydit-0.5"] = "new"
+    demo.bundle_for("digits-dydit-0.5", tmp_path, 20)
+    assert builds == ["digits-dydit-0.5"] * 2
+    assert (tmp_path / "bundles" / "digits-dydit-0.5.weights-sha256").read_text().strip() == "new"
+
+
+def _assert_identical(a, b):
+    """Nested dicts / lists / tuples of tensors and plain values, compared exactly."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_identical(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_identical(x, y)
+    else:
+        assert a == b
+
+
+def _dydit_recipe(**kw):
+    from keystep.tools.train.dydit import Recipe
+
+    return Recipe("digits-dit", 0.5, 5, batch=4, warmup=3, distill_weight=1.0, full_weight=0.5, ema=0.99,
+                  freeze_routers_at=3, **kw)
+
+
+def test_dydit_finetune_resumed_in_chunks_equals_an_uninterrupted_run(tmp_path):
+    """Weights, EMA, routers, optimizer and RNG all carry over: 2 + 2 + 1 iterations (across the router freeze)
+    give bit-identical weights to 5 in one go, and the saved models match."""
+    from safetensors.torch import load_file
+
+    from keystep.tools.train.dydit import STATE_KIND, run
+    from keystep.tools.train.resumable import load_state
+
+    quiet = lambda m: None  # noqa: E731
+    torch.set_num_threads(1)  # float reductions depend on the thread count
+    whole, chunked = tmp_path / "whole.safetensors", tmp_path / "chunked.safetensors"
+    r = run(_dydit_recipe(), whole, checkpoints=(3,), progress=quiet)
+    assert r["done"] and r["iteration"] == 5
+    r = run(_dydit_recipe(), chunked, chunk_iters=2, checkpoints=(3,), progress=quiet)  # snapshots survive a resume
+    assert not r["done"] and r["iteration"] == 2 and not chunked.exists()
+    assert run(None, chunked, resume=True, chunk_iters=2, progress=quiet)["iteration"] == 4
+    assert run(None, chunked, resume=True, progress=quiet)["done"]
+    a, b = (load_state(p.with_name(p.name + ".state.pt"), STATE_KIND) for p in (whole, chunked))
+    assert a["iteration"] == b["iteration"] == 5
+    for key in ("model", "routers", "ema", "optimizer"):
+        _assert_identical(a[key], b[key])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["numpy"] == b["rng"]["numpy"]
+    for name in ("{}.safetensors", "{}-3.safetensors"):
+        saved_a, saved_b = (load_file(str(tmp_path / name.format(run_name))) for run_name in ("whole", "chunked"))
+        assert saved_a.keys() == saved_b.keys()
+        assert all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    saved_a = load_file(str(whole))
+    # the EMA, not the last iterate, is what was saved
+    assert not torch.equal(saved_a["blocks.0.mlp.fc1.weight"], a["model"]["blocks.0.fc1.weight"])
+
+
+def test_dydit_finetune_saves_the_masks_it_trained_with_and_its_recipe(tmp_path):
+    """After the router freeze the saved (EMA) routers are the frozen ones, so the masks the exporter compiles are
+    the masks the weights were fine-tuned with; the recipe is in the safetensors metadata."""
+    from safetensors import safe_open
+
+    from keystep.export.dit_loaders import load_dit
+    from keystep.export.dydit import WidthRouters
+    from keystep.tools.train.dydit import STATE_KIND, run
+    from keystep.tools.train.resumable import load_state
+
+    out = tmp_path / "d.safetensors"
+    run(_dydit_recipe(), out, progress=lambda m: None)
+    state = load_state(out.with_name(out.name + ".state.pt"), STATE_KIND)
+    loaded = load_dit(out)
+    # the last iterate's routers on the last iterate's timestep embedding: what the weights trained with
+    trained, last = WidthRouters(128, 6, 4), load_dit("digits-dit").model
+    trained.load_state_dict(state["routers"])
+    last.load_state_dict({k: v for k, v in state["model"].items() if ".token_router." not in k})
+    t = np.arange(1000)
+    np.testing.assert_array_equal(loaded.routers.masks(loaded.model, t), trained.masks(last, t))
+    assert not torch.equal(loaded.model.blocks[0].fc1.weight, last.blocks[0].fc1.weight)  # the EMA was saved
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["train_distill_weight"] == "1.0" and meta["train_freeze_routers_at"] == "3"
+    assert meta["train_seed"] == "0" and meta["train_iterations_run"] == "5" and float(meta["train_seconds"]) >= 0
+
+
+def test_dydit_finetune_without_token_skip_saves_routers_that_keep_every_token(tmp_path):
+    """Official layout (every router key present), token routers constant "keep" — which the loader drops."""
+    from safetensors.torch import load_file
+
+    from keystep.export.dit_loaders import load_dit
+    from keystep.tools.train.dydit import run
+
+    out = tmp_path / "w.safetensors"
+    run(_dydit_recipe(token_skip=False), out, progress=lambda m: None)
+    sd = load_file(str(out))
+    for i in range(6):
+        assert not sd[f"blocks.{i}.token_selection.mlp_head.2.weight"].any()
+        assert float(sd[f"blocks.{i}.token_selection.mlp_head.2.bias"]) > 0
+        assert f"blocks.{i}.token_selection.mlp_head.0.weight" in sd
+    loaded = load_dit(out)
+    assert loaded.source_kind == "dydit-checkpoint" and all(b.token_router is None for b in loaded.model.blocks)
+
+
+def test_dydit_trainer_cli_errors_are_one_line(tmp_path, capsys):
+    from keystep.tools.train.dydit import main
+
+    assert main(["--out", str(tmp_path / "x.safetensors"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no training state at") and "\n" not in err
+    (tmp_path / "x.safetensors.state.pt").write_bytes(b"not a state")
+    assert main(["--out", str(tmp_path / "x.safetensors"), "--resume"]) == 2
+    assert "cannot read training state" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "y.safetensors")])  # a new run needs --target
+    assert "--target" in capsys.readouterr().err
+
+
+def test_dit_training_resumed_equals_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from keystep.tools.train.dit import train
+
+    quiet = lambda m: None  # noqa: E731
+    torch.set_num_threads(1)
+    whole, chunked = tmp_path / "whole.safetensors", tmp_path / "chunked.safetensors"
+    assert train(whole, 3, "speedit", batch=4, progress=quiet)["done"]
+    r = train(chunked, 3, "speedit", batch=4, progress=quiet, chunk_iters=2)
+    assert not r["done"] and r["iteration"] == 2 and not chunked.exists()
+    r = train(chunked, None, progress=quiet, resume=True)  # the recipe (sampler, batch, iters) comes from the state
+    assert r["done"] and r["iteration"] == 3
+    a, b = load_file(str(whole)), load_file(str(chunked))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_speedit_comparison_table_reports_mean_and_spread_over_seeds():
+    from keystep.tools.train.speedit_compare import to_markdown
+
+    def curve(acc, fd):
+        return [{"iters": 500, "accuracy": acc, "digits_fd": fd}]
+
+    results = {"uniform": {0: curve(0.10, 200.0), 1: curve(0.20, 100.0), 2: curve(0.30, 150.0)},
+               "speedit": {0: curve(0.90, 50.0), 1: curve(0.90, 50.0), 2: curve(0.90, 50.0)}}
+    table = to_markdown(results, "cmd", 300)
+    assert "seeds 0, 1, 2" in table and "mean ± sd (min–max)" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+            if line.startswith("| uniform") or line.startswith("| speedit")}
+    assert rows["uniform"] == ["20.0 ± 10.0 (10.0–30.0)", "150.0 ± 50.0 (100.0–200.0)"]  # sample sd (n - 1)
+    assert rows["speedit"] == ["90.0 ± 0.0 (90.0–90.0)", "50.0 ± 0.0 (50.0–50.0)"]

@@ -7,6 +7,7 @@ fine-tune), and the text-to-image ``digits-sd`` (prompts naming each digit, the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -31,16 +32,34 @@ DEMO_PLANS = {
 BASELINE_OF = {"digits-dit": "digits-dit", "digits-dydit-0.5": "digits-dit", "digits-sd": "digits-sd"}
 
 
+def weights_digest(model: str) -> str:
+    """sha256 over the shipped model's weight file(s): a cached bundle is reused only for the weights it was built
+    from (the shipped models are retrained now and then; a stale bundle would show the old model's numbers)."""
+    from keystep.models import shipped
+
+    entry = shipped(model)
+    files = sorted(f for f in entry.path.rglob("*") if f.is_file()) if entry.is_directory else [entry.path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(entry.path).as_posix().encode() if entry.is_directory else b"")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def bundle_for(model: str, out_dir: Path, steps: int) -> Bundle:
     path = out_dir / "bundles" / model
-    if (path / MANIFEST_NAME).is_file():
+    stamp = out_dir / "bundles" / f"{model}.weights-sha256"
+    digest = weights_digest(model)
+    if (path / MANIFEST_NAME).is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         bundle = Bundle.load(path)
         if bundle.default_plan["num_steps"] == steps:
             return bundle
     from keystep.export.build import build_bundle
 
     print(f"building {path} from the shipped model {model} (once; cached for the next run) ...", file=sys.stderr)
+    stamp.unlink(missing_ok=True)
     build_bundle(model, str(path), steps=steps, progress=lambda m: print("  " + m, file=sys.stderr))
+    stamp.write_text(digest + "\n")
     return Bundle.load(path)
 
 

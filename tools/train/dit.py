@@ -6,12 +6,13 @@ DDPM training as in DiT: linear betas over 1000 steps, epsilon MSE, class dropou
 supports classifier-free guidance, AdamW, an EMA of the weights (what is saved, in the original DiT key layout with
 ``num_heads`` in the safetensors metadata). ``--sampler speedit|speed`` switches the timestep sampler and loss
 weights (see timestep_sampling.py). ``--checkpoints 500,1000`` also saves the EMA at those iterations.
+``--max-minutes M`` stops after M minutes with the whole state saved; ``--resume`` continues it (resumable.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,14 +69,33 @@ def save_dit(model, path: Path, extra_metadata: dict | None = None) -> None:
     save_checkpoint(original_state_dict(model), path, {"num_heads": model.config.num_heads, **(extra_metadata or {})})
 
 
-def train(out: Path, iters: int, sampler: str = "uniform", batch: int = 128, lr: float = 1e-3, seed: int = 0,
-          checkpoints: tuple[int, ...] = (), progress=print) -> dict:
+STATE_KIND = "dit-train"
+
+
+def train(out: Path, iters: int | None, sampler: str = "uniform", batch: int = 128, lr: float = 1e-3, seed: int = 0,
+          checkpoints: tuple[int, ...] = (), progress=print, state_path: Path | None = None, resume: bool = False,
+          max_minutes: float | None = None, chunk_iters: int | None = None) -> dict:
+    """Train (or, with ``resume``, continue the run saved in ``state_path``) until ``iters``, the time budget or
+    ``chunk_iters`` more iterations -> {"done", "iteration", "seconds", "final_loss"}. The EMA is written to ``out``
+    when the run completes. With a time budget or chunks the whole state is saved (default: OUT.state.pt)."""
     import copy
 
     import torch
 
     from .digits import load_digit_images
+    from .resumable import Budget, StateError, capture_rng, default_state_path, load_state, restore_rng, save_state
 
+    state_path = state_path or default_state_path(out)
+    saved = load_state(state_path, STATE_KIND) if resume else None
+    if saved is not None:
+        recipe = saved["recipe"]
+        iters = recipe["iters"] if iters is None else iters
+        if iters < saved["iteration"]:
+            raise StateError(f"--iters {iters} is below the {saved['iteration']} iterations already run")
+        sampler, batch, lr, seed = recipe["sampler"], recipe["batch"], recipe["lr"], recipe["seed"]
+        warmup = recipe["warmup"]
+    else:
+        warmup = min(200, iters // 10 + 1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images, labels = load_digit_images()
@@ -87,10 +107,19 @@ def train(out: Path, iters: int, sampler: str = "uniform", batch: int = 128, lr:
     sqrt_1ma = torch.from_numpy(np.sqrt(1 - alphas)).float()
     timesteps = TimestepSampler(sampler, alphas)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = min(200, iters // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
-    losses, start = [], time.perf_counter()
-    for it in range(1, iters + 1):
+    losses, start_it, seconds = [], 0, 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        restore_rng(saved["rng"], rng)
+        losses, start_it, seconds = saved["losses"], saved["iteration"], saved["seconds"]
+    budget = Budget(max_minutes)
+    stop = iters if chunk_iters is None else min(iters, start_it + chunk_iters)
+    it = start_it
+    for it in range(start_it + 1, stop + 1):
         idx = torch.from_numpy(rng.integers(0, len(x0_all), batch))
         x0, y = x0_all[idx], y_all[idx].clone()
         y[torch.from_numpy(rng.random(batch) < CLASS_DROPOUT)] = DIGITS_DIT["num_classes"]
@@ -106,27 +135,64 @@ def train(out: Path, iters: int, sampler: str = "uniform", batch: int = 128, lr:
         opt.step()
         schedule.step()
         update_ema(ema, model, it, 0.999)
-        losses.append(float(per_sample.detach().mean()))
+        losses = [*losses[-99:], float(per_sample.detach().mean())]
+        elapsed = seconds + budget.elapsed()
         if it % 100 == 0 or it == iters:
-            progress(f"iter {it}/{iters}  loss {np.mean(losses[-100:]):.4f}  {time.perf_counter() - start:.0f} s")
+            progress(f"iter {it}/{iters}  loss {np.mean(losses):.4f}  {elapsed:.0f} s")
         if it in checkpoints:
             save_dit(ema, out.with_name(f"{out.stem}-{it}{out.suffix}"), {"iters": str(it), "sampler": sampler})
-    save_dit(ema, out, {"iters": str(iters), "sampler": sampler, "seed": str(seed)})
-    return {"seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-100:]))}
+        if budget.expired():
+            break
+    seconds += budget.elapsed()
+    done = it >= iters
+    if not done or max_minutes is not None or chunk_iters is not None or resume:
+        save_state(state_path, STATE_KIND, {
+            "recipe": {"iters": iters, "sampler": sampler, "batch": batch, "lr": lr, "seed": seed, "warmup": warmup},
+            "iteration": it, "seconds": seconds, "losses": losses, "model": model.state_dict(),
+            "ema": ema.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+            "rng": capture_rng(rng)})
+    if done:
+        save_dit(ema, out, {"iters": str(iters), "sampler": sampler, "seed": str(seed), "batch": str(batch),
+                            "lr": str(lr), "train_seconds": str(round(seconds))})
+    return {"done": done, "iteration": it, "seconds": seconds, "final_loss": float(np.mean(losses))}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--iters", type=int, default=3000)
+    parser.add_argument("--iters", type=int, help="total iterations (default 3000; with --resume: the saved run's)")
     parser.add_argument("--sampler", default="uniform", choices=SAMPLERS)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoints", default="", help="also save the EMA at these iterations (comma list)")
+    parser.add_argument("--state", help="training state file (default: OUT.state.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in the state file")
+    parser.add_argument("--max-minutes", type=float, help="stop after this long, state saved; continue with --resume")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
-    checkpoints = tuple(int(c) for c in args.checkpoints.split(",") if c)
-    r = train(Path(args.out), args.iters, args.sampler, args.batch, args.lr, args.seed, checkpoints)
+    try:
+        checkpoints = tuple(int(c) for c in args.checkpoints.split(",") if c)
+    except ValueError:
+        parser.error(f"--checkpoints takes iteration numbers separated by commas, got {args.checkpoints!r}")
+    from .resumable import StateError
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        iters = args.iters or (None if args.resume else 3000)
+        r = train(Path(args.out), iters, args.sampler, args.batch, args.lr, args.seed, checkpoints,
+                  state_path=Path(args.state) if args.state else None, resume=args.resume,
+                  max_minutes=args.max_minutes)
+    except StateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not r["done"]:
+        print(f"stopped at iteration {r['iteration']} after {r['seconds']:.0f} s of training — continue with: "
+              f"python -m keystep.tools.train.dit --out {args.out} --resume")
+        return 0
     print(f"trained in {r['seconds']:.0f} s, final loss {r['final_loss']:.4f} -> {args.out}")
     return 0
 

@@ -1,0 +1,76 @@
+"""Resumable training runs: everything a training loop carries between iterations in one file, so a run can stop
+after a time budget (``--max-minutes``) and continue with ``--resume`` exactly where it stopped — a resumed run
+computes the same weights as an uninterrupted one (same thread count: float reductions depend on it).
+
+The state file holds the model, EMA and optimizer state dicts, the torch and numpy RNG states, the iteration, the
+recipe, the seconds spent so far and the loop's history; it is written to a temporary name and renamed, so a run
+killed mid-save leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+STATE_VERSION = 1
+
+
+class StateError(Exception):
+    """A training state that cannot be resumed (missing, unreadable, or from another kind of run)."""
+
+
+def default_state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state.pt")
+
+
+def capture_rng(rng: np.random.Generator) -> dict:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}
+
+
+def restore_rng(saved: dict, rng: np.random.Generator) -> None:
+    import torch
+
+    torch.set_rng_state(saved["torch"])
+    rng.bit_generator.state = saved["numpy"]
+
+
+def save_state(path: Path, kind: str, state: dict) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"version": STATE_VERSION, "kind": kind, **state}, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path, kind: str) -> dict:
+    import torch
+
+    if not path.is_file():
+        raise StateError(f"no training state at {path} to resume (start without --resume, or pass --state)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise StateError(f"cannot read training state {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("kind") != kind or state.get("version") != STATE_VERSION:
+        found = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        raise StateError(f"{path} is not a {kind} training state (found {found!r})")
+    return state
+
+
+class Budget:
+    """Wall-clock budget of one chunk of a run: ``expired()`` once ``max_minutes`` have passed (never without one)."""
+
+    def __init__(self, max_minutes: float | None):
+        self.start = time.perf_counter()
+        self.limit = None if max_minutes is None else 60.0 * max_minutes
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def expired(self) -> bool:
+        return self.limit is not None and self.elapsed() >= self.limit
