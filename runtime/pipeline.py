@@ -19,8 +19,6 @@ thread) and serialised by a lock where it is not (the GPU backends' preallocated
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from .plan import PlanError
 from .request import GenerationRequest, RequestArguments, RequestError, check_threads, validate_request
 from .sampler import SampleResult
 from .samplers import sampler_for
+from .signature import with_keywords
 
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt")
 
@@ -83,20 +82,6 @@ def load(bundle: str | Path | Bundle, backend: str | Backend | None = None, *, t
     return Pipeline(bundle, backend)
 
 
-def call_signature(function, fields_class) -> inspect.Signature:
-    """``function``'s signature with ``fields_class``' fields (a dataclass) as keyword-only parameters in place of
-    its ``**kwargs``: what help(), inspect and call tips show for a call that takes the fields as keywords, while
-    their names, defaults and types stay written once, in the dataclass."""
-    own = list(inspect.signature(function).parameters.values())
-    named = {p.name for p in own}
-    keywords = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-                for f in dataclasses.fields(fields_class) if f.name not in named]  # every field has a default
-    kept = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    positional = [p for p in kept if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    return inspect.Signature(positional + keywords + [p for p in kept if p.kind is inspect.Parameter.KEYWORD_ONLY],
-                             return_annotation=inspect.signature(function).return_annotation)
-
-
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: Backend):
         self.bundle = bundle
@@ -112,6 +97,7 @@ class Pipeline:
         """Whether the bundle makes images (a VAE stage, or a pixel-space model) rather than only latents."""
         return self.sampler.can_decode
 
+    @with_keywords(RequestArguments)
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
                  return_dict: bool = True, **arguments: Any) -> PipelineOutput:
         """Generate. The keyword arguments are :class:`~keystep.runtime.request.RequestArguments`' fields (diffusers'
@@ -128,8 +114,6 @@ class Pipeline:
         request = self.validate(prompt=prompt, negative_prompt=negative_prompt, **arguments)
         out = self.run(request)
         return out if return_dict else tuple(out)
-
-    __call__.__signature__ = call_signature(__call__, RequestArguments)
 
     def validate(self, **arguments: Any) -> GenerationRequest:
         """The request these ``__call__`` arguments make, validated (its plan prepared too: a step no width engine
