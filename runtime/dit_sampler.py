@@ -6,14 +6,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
-from .sampler import (
-    PlanSampler,
-    SampleResult,
-    SamplingError,
-    SamplingOptions,
-    row_values,
-    tile_per_half,
-)
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, row_values, tile_per_half
 
 
 class DiTSampler(PlanSampler):

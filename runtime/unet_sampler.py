@@ -20,14 +20,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
-from .sampler import (
-    PlanSampler,
-    SampleResult,
-    SamplingError,
-    SamplingOptions,
-    row_values,
-    tile_per_half,
-)
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, row_values, tile_per_half
 from .sdxl import SizeConditioning
 from .tokenizer import ClipTokenizer
 
