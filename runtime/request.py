@@ -61,7 +61,8 @@ class RequestError(KeystepError, ValueError):
         return f"{CLI_FLAGS.get(self.field, self.field)}: {self.message}"
 
 
-@dataclass(frozen=True, kw_only=True)
+# eq=False: the fields may be arrays and lists, which compare elementwise and do not hash
+@dataclass(frozen=True, kw_only=True, eq=False)
 class PlanArguments:
     """How a call samples, in diffusers' vocabulary; an unset (None) argument takes the bundle's default plan. The
     CLI's plan flags and a cascade's ``stage_plans`` entries set these same names."""
@@ -76,7 +77,7 @@ class PlanArguments:
     noise_injection: bool | None = None  # None: on for key-step plans, off for the baseline and cache plans
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class RequestArguments(PlanArguments):
     """What a caller asks of a bundle, not yet checked: the one list of the Python API's arguments (the keywords of
     ``Pipeline.__call__`` are these fields, with their defaults), which the CLI and the Triton model fill too.
