@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from keystep.models import resolve_model_path, shipped
 from keystep.runtime.plan import parse_key_steps
 from keystep.runtime.schedulers import class_name_for_scheduler, make_scheduler
+from keystep.runtime.signature import with_keywords
 
 from .bundle_writer import write_bundle
 from .dit_cache import BlockRange
@@ -38,6 +40,22 @@ DIT_TRAINING_SCHEDULE = {
 # ddim_sample_loop's own default) keeps them in range
 RANDOM_WEIGHTS_SCHEDULE = {**DIT_TRAINING_SCHEDULE, "clip_sample": True}
 DIT_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.3}
+DEFAULT_STEPS = 50
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    """What a build of every model kind takes (``keystep build``'s shared flags): the bundle's scheduler, its
+    default plan, its feature-cache variants and its precision. Each builder takes these as keywords, beside the
+    options of its own model kind."""
+
+    scheduler: str | None = None  # the scheduler class (by name), its fields from scheduler_config or the model's
+    scheduler_config: str | None = None  # a scheduler_config.json file
+    steps: int | None = None  # the default plan's steps; None: the model kind's (DEFAULT_STEPS; IF: its pipelines')
+    key_steps: str | None = None  # the default plan's key steps; None: the shipped model's tuned plan or "default"
+    guidance: float | None = None  # the default plan's guidance; None: the model kind's (a shipped model's tuned)
+    cache: str | None = None  # feature-cache variants to export, e.g. "deep:0,3" or "blocks:1-2"
+    precision: str | None = None  # stage precisions (stage_precision.PrecisionPlan.parse)
 CACHE_KINDS = {"dit": "blocks", "unet": "deep", "unet3d": "deep"}
 
 
@@ -88,36 +106,33 @@ def resolve_scheduler_config(model_config: dict | None, config_file: str | None,
     return config
 
 
+@with_keywords(BuildOptions)
 def build_dit_bundle(
     model: str,
     out: str,
     split: int | None = None,
-    scheduler: str | None = None,
-    scheduler_config: str | None = None,
-    steps: int = 50,
-    key_steps: str | None = None,
-    guidance: float | None = None,
     num_heads: int | None = None,
     width: str | None = None,
     max_profiles: int = 8,
     token_skip: str = "gather",
-    cache: str | None = None,
-    precision: str | None = None,
     progress=print,
+    **options,
 ) -> Path:
-    precisions = PrecisionPlan.parse(precision)
+    o = BuildOptions(**options)
+    precisions = PrecisionPlan.parse(o.precision)
     loaded = load_dit(model, num_heads=num_heads)
-    cached = parse_cache_variants(cache, "dit")
+    cached = parse_cache_variants(o.cache, "dit")
     cfg = loaded.model.config
     # a shipped model's tuned default plan (docs/models.md), unless the caller says otherwise
     entry = shipped(model)
     tuned = entry.default_plan if entry else {}
-    guidance = guidance if guidance is not None else tuned.get("guidance", 4.0)
-    key_steps = key_steps or tuned.get("key_steps", "default")
+    guidance = o.guidance if o.guidance is not None else tuned.get("guidance", 4.0)
+    key_steps = o.key_steps or tuned.get("key_steps", "default")
+    steps = DEFAULT_STEPS if o.steps is None else o.steps
     split = cfg.default_split if split is None else split
     parse_key_steps(key_steps, steps, "dit")  # fail early on a plan that does not fit
     own = loaded.scheduler_config or (RANDOM_WEIGHTS_SCHEDULE if loaded.source_kind == "random" else None)
-    sched = resolve_scheduler_config(own, scheduler_config, scheduler)
+    sched = resolve_scheduler_config(own, o.scheduler_config, o.scheduler)
     width = width or ("dydit" if loaded.routers is not None else "none")
     if width != "none" and cached:
         raise ModelLoadError("--cache cannot be combined with width profiles yet (width bundles have no full stage)")
@@ -150,36 +165,33 @@ def build_dit_bundle(
 UNET_NOISE_INJECTION = {"noise_alpha": 0.003, "noise_tau": 0.5}  # FasterDiffusion's SD setting: t < 500
 
 
+@with_keywords(BuildOptions)
 def build_unet_bundle(
     model: str,
     out: str,
     controlnet: str | None = None,
-    scheduler: str | None = None,
-    scheduler_config: str | None = None,
-    steps: int = 50,
-    key_steps: str | None = None,
-    guidance: float | None = None,
-    cache: str | None = None,
-    precision: str | None = None,
     full: bool = True,
     progress=print,
+    **options,
 ) -> Path:
     """``full=False`` leaves out the ``full`` graph (for large models it doubles the bundle's weights): the baseline
     plan then runs encoder + decoder at every step; cache plans need it."""
-    precisions = PrecisionPlan.parse(precision)
+    o = BuildOptions(**options)
+    precisions = PrecisionPlan.parse(o.precision)
     from .unet_export import load_controlnet, load_sd_pipeline_dir, unet_model_config, unet_stages
 
     entry = shipped(model)  # a shipped model's tuned default plan (docs/models.md), unless the caller says otherwise
     tuned = entry.default_plan if entry else {}
-    guidance = guidance if guidance is not None else tuned.get("guidance", 7.5)
+    guidance = o.guidance if o.guidance is not None else tuned.get("guidance", 7.5)
     loaded = load_sd_pipeline_dir(resolve_model_path(model))
-    branches = parse_cache_variants(cache, "unet")
+    branches = parse_cache_variants(o.cache, "unet")
     if branches and not full:
         raise ModelLoadError("--cache needs the full stage (its full steps refresh the cache): drop --no-full")
     control = load_controlnet(controlnet) if controlnet else None
-    key_steps = key_steps or tuned.get("key_steps", "default")
+    key_steps = o.key_steps or tuned.get("key_steps", "default")
+    steps = DEFAULT_STEPS if o.steps is None else o.steps
     parse_key_steps(key_steps, steps, "unet")
-    sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
+    sched = resolve_scheduler_config(loaded.scheduler_config, o.scheduler_config, o.scheduler)
     fields = {
         "family": "unet",
         "model_config": unet_model_config(loaded, control),
@@ -198,19 +210,14 @@ def build_unet_bundle(
         return write_bundle(Path(out), stages, fields, progress=progress, assets=assets, precision=precisions)
 
 
+@with_keywords(BuildOptions)
 def build_if_bundle(
     model: str,
     out: str,
     super_resolution: list[str] = (),
-    scheduler: str | None = None,
-    scheduler_config: str | None = None,
-    steps: int | None = None,
-    key_steps: str | None = None,
-    guidance: float | None = None,
-    cache: str | None = None,
-    precision: str | None = None,
     full: bool = True,
     progress=print,
+    **options,
 ) -> Path:
     """A DeepFloyd-IF cascade bundle (:mod:`keystep.export.if_export`): stage I from ``model`` (an IFPipeline
     directory), one super-resolution stage per ``super_resolution`` directory. Plan flags given apply to every
@@ -221,28 +228,29 @@ def build_if_bundle(
     from .if_export import (IF_DEFAULTS, IF_TEXT_LEN, if_stage_model_config, if_unet_stages, load_if_cascade,
                             t5_stage, t5_tokenizer_asset)
 
-    precisions = PrecisionPlan.parse(precision)
+    o = BuildOptions(**options)
+    precisions = PrecisionPlan.parse(o.precision)
     loaded = load_if_cascade(resolve_model_path(model), list(super_resolution))
-    branches = parse_cache_variants(cache, "unet")
+    branches = parse_cache_variants(o.cache, "unet")
     if branches and not full:
         raise ModelLoadError("--cache needs the full stage (its full steps refresh the cache): drop --no-full")
     nested, parts = {}, []
     for i, stage in enumerate(loaded.stages, start=1):
         name = f"stage_{i}"
         defaults = IF_DEFAULTS[stage.role]
-        num_steps = steps or defaults["num_steps"]
+        num_steps = o.steps or defaults["num_steps"]
         # FasterDiffusion's IF release propagates the encoder in stage I only (runtime.plan.if_default_key_steps)
-        plan_keys = key_steps or ("default" if stage.role == "base" else "all")
+        plan_keys = o.key_steps or ("default" if stage.role == "base" else "all")
         parse_key_steps(plan_keys, num_steps, "if")
         plan = {"num_steps": num_steps, "key_steps": plan_keys,
-                "guidance": guidance if guidance is not None else defaults["guidance"], **UNET_NOISE_INJECTION}
+                "guidance": o.guidance if o.guidance is not None else defaults["guidance"], **UNET_NOISE_INJECTION}
         if "noise_level" in defaults:
             plan["noise_level"] = defaults["noise_level"]
         fields = {
             "family": "if",
             "model_config": if_stage_model_config(stage),
             "source": {"kind": "diffusers-pipeline", "path": str(stage.path.resolve())},
-            "scheduler": resolve_scheduler_config(stage.scheduler_config, scheduler_config, scheduler),
+            "scheduler": resolve_scheduler_config(stage.scheduler_config, o.scheduler_config, o.scheduler),
             "default_plan": plan,
         }
         for branch in branches:
@@ -279,6 +287,15 @@ def is_video_model(model: str) -> bool:
     return is_video_pipeline(json.loads((path / "model_index.json").read_text()), path)
 
 
+def without_dit_options(options: dict) -> dict:
+    """A UNet build's options: refuses the DiT width options given; the split and head count (flags with a
+    default) are dropped."""
+    given = [k for k in ("width", "max_profiles", "token_skip") if options.get(k) is not None]
+    if given:
+        raise ModelLoadError(f"--{given[0].replace('_', '-')} applies to DiT models only")
+    return {k: v for k, v in options.items() if k not in ("split", "num_heads")}
+
+
 def build_bundle(model: str, out: str, controlnet: str | None = None, super_resolution: list[str] = (),
                  **options) -> Path:
     """Dispatch on the model kind: a DeepFloyd-IF directory (a cascade), a text-to-video UNet3D directory, a
@@ -286,8 +303,6 @@ def build_bundle(model: str, out: str, controlnet: str | None = None, super_reso
     pipelines')."""
     from .if_export import is_if_pipeline
 
-    if options.get("steps", 0) is None:
-        options.pop("steps")
     frames = options.pop("frames", None)
     if is_if_pipeline(resolve_model_path(model)):
         given = [k for k in ("width", "max_profiles", "token_skip") if options.get(k) is not None]
@@ -304,15 +319,11 @@ def build_bundle(model: str, out: str, controlnet: str | None = None, super_reso
 
         if not options.pop("full", True):
             raise ModelLoadError("--no-full applies to 2-D UNets (SD, SDXL, IF), not text-to-video bundles")
-        return build_video_bundle(model, out, controlnet=controlnet, frames=frames, **options)
+        return build_video_bundle(model, out, controlnet=controlnet, frames=frames, **without_dit_options(options))
     if frames is not None:
         raise ModelLoadError("--frames applies to text-to-video (UNet3D) models only")
     if is_unet_pipeline(model):
-        given = [k for k in ("width", "max_profiles", "token_skip") if options.get(k) is not None]
-        if given:
-            raise ModelLoadError(f"--{given[0].replace('_', '-')} applies to DiT models only")
-        options.pop("split", None), options.pop("num_heads", None)
-        return build_unet_bundle(model, out, controlnet=controlnet, **options)
+        return build_unet_bundle(model, out, controlnet=controlnet, **without_dit_options(options))
     if controlnet:
         raise ModelLoadError("--controlnet applies to UNet (Stable Diffusion) models only")
     if not options.pop("full", True):

@@ -27,6 +27,16 @@ from pathlib import Path
 
 import torch
 
+from keystep.runtime.signature import with_keywords
+
+from .build import (
+    DEFAULT_STEPS,
+    UNET_NOISE_INJECTION,
+    BuildOptions,
+    cache_manifest,
+    parse_cache_variants,
+    resolve_scheduler_config,
+)
 from .dit_export import StageDef, TensorSpec, VAEDecoderStage
 from .errors import ModelLoadError
 from .tokenizer_asset import has_tokenizer
@@ -189,20 +199,14 @@ def video_stages(loaded: LoadedSD, branches: list[DeepCacheBranch] = (), frames:
 VIDEO_GUIDANCE = 9.0  # TextToVideoSDPipeline's guidance_scale default
 
 
+@with_keywords(BuildOptions)
 def build_video_bundle(
     model: str,
     out: str,
     controlnet: str | None = None,
-    scheduler: str | None = None,
-    scheduler_config: str | None = None,
-    steps: int = 50,
-    key_steps: str | None = None,
-    guidance: float | None = None,
-    cache: str | None = None,
-    precision: str | None = None,
     frames: int | None = None,
     progress=print,
-    **dit_only,
+    **options,
 ) -> Path:
     """``keystep build`` for a text-to-video pipeline directory (family ``unet3d``)."""
     import tempfile
@@ -210,32 +214,30 @@ def build_video_bundle(
     from keystep.models import resolve_model_path
     from keystep.runtime.plan import parse_key_steps
 
-    from .build import UNET_NOISE_INJECTION, cache_manifest, parse_cache_variants, resolve_scheduler_config
     from .bundle_writer import write_bundle
     from .stage_precision import PrecisionPlan
     from .tokenizer_asset import tokenizer_asset
 
-    given = [k for k, v in dit_only.items() if v is not None and k not in ("split", "num_heads")]
-    if given:
-        raise ModelLoadError(f"--{given[0].replace('_', '-')} applies to DiT models only")
+    o = BuildOptions(**options)
     if controlnet:
         raise ModelLoadError("--controlnet applies to Stable Diffusion (2-D UNet) models only")
     frames = DEFAULT_FRAMES if frames is None else frames
     if not 1 <= frames <= MAX_FRAMES:
         raise ModelLoadError(f"--frames must be in 1..{MAX_FRAMES}, got {frames}")
-    precisions = PrecisionPlan.parse(precision)
+    precisions = PrecisionPlan.parse(o.precision)
     loaded = load_video_pipeline_dir(resolve_model_path(model))
-    branches = parse_cache_variants(cache, "unet3d")
-    key_steps = key_steps or "default"
+    branches = parse_cache_variants(o.cache, "unet3d")
+    key_steps = o.key_steps or "default"
+    steps = DEFAULT_STEPS if o.steps is None else o.steps
     parse_key_steps(key_steps, steps, "unet3d")
-    sched = resolve_scheduler_config(loaded.scheduler_config, scheduler_config, scheduler)
+    sched = resolve_scheduler_config(loaded.scheduler_config, o.scheduler_config, o.scheduler)
     fields = {
         "family": "unet3d",
         "model_config": video_model_config(loaded, frames),
         "source": {"kind": loaded.source_kind, "path": str(Path(model).resolve())},
         "scheduler": sched,
         "default_plan": {"num_steps": steps, "key_steps": key_steps,
-                         "guidance": VIDEO_GUIDANCE if guidance is None else guidance, **UNET_NOISE_INJECTION},
+                         "guidance": VIDEO_GUIDANCE if o.guidance is None else o.guidance, **UNET_NOISE_INJECTION},
     }
     if branches:
         fields["cache"] = cache_manifest(branches)

@@ -6,15 +6,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
-from .sampler import (
-    PlanSampler,
-    SampleResult,
-    SamplingError,
-    SamplingOptions,
-    check_noise,
-    row_values,
-    tile_per_half,
-)
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, row_values, tile_per_half
 
 
 class DiTSampler(PlanSampler):
@@ -27,8 +19,11 @@ class DiTSampler(PlanSampler):
         self.num_classes = cfg["num_classes"]
         self.latent_shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
 
+    def noise_shape(self, images: int) -> tuple[int, ...]:
+        return (images, *self.latent_shape)  # a DiT makes its one trained size
+
     def initial_noise(self, images: int, seed: int, generator: np.random.Generator | None = None) -> np.ndarray:
-        return self.initial_noise_from((images, *self.latent_shape), seed, generator)
+        return self.start_noise(images, None, seed, generator)
 
     def sample(
         self, class_labels: list[int], options: SamplingOptions, init_noise: np.ndarray | None = None, seed: int = 0,
@@ -36,8 +31,7 @@ class DiTSampler(PlanSampler):
     ) -> SampleResult:
         labels = self._check_labels(class_labels)
         images = len(labels)
-        expected = (images, *self.latent_shape)
-        noise = self.initial_noise(images, seed, generator) if init_noise is None else check_noise(init_noise, expected)
+        noise = self.start_noise(images, init_noise, seed, generator)
         if options.guidance > 1:  # CFG rows: [class labels, null class]
             labels = np.concatenate([labels, np.full(images, self.num_classes, np.int64)])
         return self.run_plan(noise, options, labels, seed=seed, generator=generator)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import MANIFEST_NAME, Bundle, BundleError
-from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, SerialRunner, check_noise, to_uint8
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, SerialRunner, to_uint8
 from .schedulers import make_scheduler
 from .t5_tokenizer import T5Tokenizer
 from .unet_sampler import SplitUNetFeeds
@@ -106,6 +106,9 @@ class IFStageSampler(SplitUNetFeeds, PlanSampler):
     def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         return height or self.default_size[0], width or self.default_size[1]
 
+    def noise_shape(self, images: int, height: int, width: int) -> tuple[int, ...]:
+        return images, self.channels, height, width  # pixel space
+
     def sample(
         self,
         prompts: list[str],
@@ -131,11 +134,9 @@ class IFStageSampler(SplitUNetFeeds, PlanSampler):
         if height < multiple or width < multiple or height % multiple or width % multiple:
             raise SamplingError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         images = len(prompts)
-        expected = (images, self.channels, height, width)
         index = self.index
         source = np.random.default_rng((seed, index)) if generator is None else generator
-        noise = (source.standard_normal(expected, dtype=np.float32) if init_noise is None
-                 else check_noise(init_noise, expected))
+        noise = self.start_noise(images, init_noise, seed, source, height=height, width=width)
         rng = np.random.default_rng((seed, index, 1)) if generator is None else generator
         cfg = options.guidance > 1
         context = IFContext(self.cascade.text_rows(list(prompts), negative_prompt, cfg) if text is None else text)

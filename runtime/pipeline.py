@@ -30,9 +30,10 @@ from .backends.auto import default_backend_name
 from .backends.base import Backend, BackendError, get_backend
 from .bundle import Bundle
 from .plan import PlanError
-from .request import GenerationRequest, RequestError, check_threads, validate_request
+from .request import GenerationRequest, RequestArguments, RequestError, check_threads, validate_request
 from .sampler import SampleResult
 from .samplers import sampler_for
+from .signature import with_keywords
 
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt")
 
@@ -96,60 +97,28 @@ class Pipeline:
         """Whether the bundle makes images (a VAE stage, or a pixel-space model) rather than only latents."""
         return self.sampler.can_decode
 
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        *,
-        class_labels: int | list[int] | None = None,
-        num_images_per_prompt: int = 1,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | np.random.Generator | None = None,
-        generator: np.random.Generator | None = None,
-        latents: np.ndarray | None = None,
-        output_type: str = "pil",
-        key_steps: str | list[int] | None = None,
-        cache: str | None = None,
-        scheduler: str | None = None,
-        parallel: bool | None = None,
-        max_decoder_batch: int | None = None,
-        noise_injection: bool | None = None,
-        control_image: np.ndarray | None = None,
-        controlnet_conditioning_scale: float = 1.0,
-        num_frames: int | None = None,
-        prompt_2: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] | None = None,
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] | None = None,
-        negative_target_size: tuple[int, int] | None = None,
-        noise_level: int | None = None,
-        stage_plans: dict[str, dict] | None = None,
-        return_dict: bool = True,
-    ) -> PipelineOutput:
-        """Generate. Unset plan arguments (steps, guidance, key steps, cache, scheduler) take the bundle's default
-        plan. ``seed`` (an int, or a numpy Generator) or ``generator`` draws the initial noise, unless ``latents``
-        gives it. ``key_steps``: "all" (baseline), "default", "uniform:M" or a list of step indices.
+    @with_keywords(RequestArguments)
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 return_dict: bool = True, **arguments: Any) -> PipelineOutput:
+        """Generate. The keyword arguments are :class:`~keystep.runtime.request.RequestArguments`' fields (diffusers'
+        names: ``num_inference_steps``, ``guidance_scale``, ``height``, ``output_type``, ...). Unset plan arguments
+        (steps, guidance, key steps, cache, scheduler) take the bundle's default plan. ``seed`` (an int, or a numpy
+        Generator) or ``generator`` draws the initial noise, unless ``latents`` gives it. ``key_steps``: "all"
+        (baseline), "default", "uniform:M" or a list of step indices.
 
         SDXL bundles: ``prompt_2``, ``negative_prompt_2`` and the size/crop conditioning, as
         StableDiffusionXLPipeline. DeepFloyd-IF cascades run every diffusion stage in order (IFPipeline, then
         IFSuperResolutionPipeline) and return the last stage's images; ``height``/``width`` are stage I's, plan
         arguments apply to every stage and ``stage_plans={"stage_2": {"key_steps": "all"}}`` to one;
         ``noise_level`` is the super-resolution stages'."""
-        arguments = {k: v for k, v in locals().items() if k not in ("self", "return_dict")}
-        request = self.validate(**arguments)
+        request = self.validate(prompt=prompt, negative_prompt=negative_prompt, **arguments)
         out = self.run(request)
         return out if return_dict else tuple(out)
 
-    def validate(self, **arguments) -> GenerationRequest:
+    def validate(self, **arguments: Any) -> GenerationRequest:
         """The request these ``__call__`` arguments make, validated (its plan prepared too: a step no width engine
         covers is refused here), without running it."""
-        request = validate_request(self.bundle, can_decode=self.can_decode, **arguments)
+        request = validate_request(self.bundle, RequestArguments(**arguments), can_decode=self.can_decode)
         runs = (zip(self.sampler.stages, request.stage_options) if self.family == "cascade"
                 else [(self.sampler, request.options)])
         for sampler, options in runs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,8 +32,6 @@ MAX_PIXELS = 8192
 OUTPUT_TYPES = ("pil", "np", "latent")
 TEXT_FAMILIES = ("unet", "unet3d", "if", "cascade")  # prompt-conditioned (text-to-image, text-to-video, IF)
 UNET_FAMILIES = ("unet", "unet3d", "if")  # one UNet whose size is free (multiples of what its down path divides)
-PLAN_ARGUMENTS = ("num_inference_steps", "guidance_scale", "key_steps", "cache", "scheduler", "parallel",
-                  "max_decoder_batch", "noise_injection")
 MAX_SIZE_CONDITIONING = 1 << 16  # SDXL's size/crop time ids (pixels)
 MAX_FRAMES = 1024
 
@@ -61,6 +59,56 @@ class RequestError(KeystepError, ValueError):
 
     def for_cli(self) -> str:
         return f"{CLI_FLAGS.get(self.field, self.field)}: {self.message}"
+
+
+# eq=False: the fields may be arrays and lists, which compare elementwise and do not hash
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PlanArguments:
+    """How a call samples, in diffusers' vocabulary; an unset (None) argument takes the bundle's default plan. The
+    CLI's plan flags and a cascade's ``stage_plans`` entries set these same names."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None  # classifier-free guidance; 1 or below: no unconditional rows
+    key_steps: str | Sequence[int] | None = None  # "all" (baseline), "default", "uniform:M" or step indices
+    cache: str | None = None  # feature caching, "VARIANT:SCHEDULE[@START]" (see plan.parse_cache), or "none"
+    scheduler: str | None = None  # a name in SCHEDULERS; None: the bundle's scheduler class
+    parallel: bool | None = None  # batch a group's decoders into one call; None: the backend's preference
+    max_decoder_batch: int | None = None  # at most this many rows per batched decoder call
+    noise_injection: bool | None = None  # None: on for key-step plans, off for the baseline and cache plans
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RequestArguments(PlanArguments):
+    """What a caller asks of a bundle, not yet checked: the one list of the Python API's arguments (the keywords of
+    ``Pipeline.__call__`` are these fields, with their defaults), which the CLI and the Triton model fill too.
+    :func:`validate_request` turns it into a :class:`GenerationRequest`."""
+
+    prompt: str | Sequence[str] | None = None  # text-to-image/video bundles
+    negative_prompt: str | Sequence[str] | None = None  # one, or one per prompt; None: the empty prompt
+    class_labels: int | Sequence[int] | None = None  # class-conditional bundles (DiTs)
+    num_images_per_prompt: int = 1
+    height: int | None = None  # pixels; None: the bundle's size (a cascade: stage I's)
+    width: int | None = None
+    seed: int | np.random.Generator | None = None  # draws the initial noise (None: 0), unless latents give it
+    generator: np.random.Generator | None = None  # instead of a seed
+    latents: np.ndarray | None = None  # the initial noise itself
+    output_type: str = "pil"  # one of OUTPUT_TYPES
+    control_image: np.ndarray | None = None  # ControlNet bundles: (3, H, W) or (N, 3, H, W) floats in [0, 1]
+    controlnet_conditioning_scale: float = 1.0
+    num_frames: int | None = None  # text-to-video: frames per video (None: the bundle's)
+    prompt_2: str | Sequence[str] | None = None  # SDXL: the second text encoder's prompts (None: prompt)
+    negative_prompt_2: str | Sequence[str] | None = None
+    original_size: Sequence[int] | None = None  # SDXL's size/crop conditioning, (height, width) / (y, x) pixels
+    crops_coords_top_left: Sequence[int] | None = None
+    target_size: Sequence[int] | None = None
+    negative_original_size: Sequence[int] | None = None
+    negative_crops_coords_top_left: Sequence[int] | None = None
+    negative_target_size: Sequence[int] | None = None
+    noise_level: int | None = None  # IF super-resolution stages (None: each stage's default)
+    stage_plans: dict[str, dict] | None = None  # a cascade: {stage name: {plan argument: value}}, over the above
+
+
+PLAN_ARGUMENTS = tuple(f.name for f in fields(PlanArguments))
 
 
 @dataclass(frozen=True)
@@ -153,47 +201,15 @@ def check_steps(bundle: Bundle, steps: Any, scheduler: str | None) -> int:
     return steps
 
 
-def validate_request(
-    bundle: Bundle,
-    *,
-    prompt: str | Sequence[str] | None = None,
-    negative_prompt: str | Sequence[str] | None = None,
-    class_labels: int | Sequence[int] | None = None,
-    num_images_per_prompt: int = 1,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    seed: int | np.random.Generator | None = None,
-    generator: np.random.Generator | None = None,
-    latents: np.ndarray | None = None,
-    output_type: str = "pil",
-    key_steps: str | Sequence[int] | None = None,
-    cache: str | None = None,
-    scheduler: str | None = None,
-    parallel: bool | None = None,
-    max_decoder_batch: int | None = None,
-    noise_injection: bool | None = None,
-    control_image: np.ndarray | None = None,
-    controlnet_conditioning_scale: float = 1.0,
-    num_frames: int | None = None,
-    prompt_2: str | Sequence[str] | None = None,
-    negative_prompt_2: str | Sequence[str] | None = None,
-    original_size: Sequence[int] | None = None,
-    crops_coords_top_left: Sequence[int] | None = None,
-    target_size: Sequence[int] | None = None,
-    negative_original_size: Sequence[int] | None = None,
-    negative_crops_coords_top_left: Sequence[int] | None = None,
-    negative_target_size: Sequence[int] | None = None,
-    noise_level: int | None = None,
-    stage_plans: dict[str, dict] | None = None,
-    can_decode: bool = True,
-) -> GenerationRequest:
+def validate_request(bundle: Bundle, arguments: RequestArguments, *, can_decode: bool = True) -> GenerationRequest:
     """Check every argument against ``bundle`` (its family, classes, scheduler, sizes, stages, cache variants).
     SDXL bundles also take ``prompt_2``, ``negative_prompt_2`` and the size/crop conditioning (diffusers' names);
     IF stages and cascades ``noise_level``; cascades ``stage_plans`` ({stage name: {plan argument: value}}, over
-    the plan arguments given for every stage)."""
+    the plan arguments given for every stage). ``can_decode``: whether the pipeline makes images (else only
+    ``output_type="latent"``)."""
+    a = arguments
     text = bundle.family in TEXT_FAMILIES
+    num_frames = a.num_frames
     if bundle.family == "unet3d":
         num_frames = check_int("num_frames", bundle.model_config["num_frames"] if num_frames is None else num_frames,
                                1, MAX_FRAMES)
@@ -201,15 +217,15 @@ def validate_request(
         raise RequestError("num_frames", "applies to text-to-video bundles")
     # --- what to generate --------------------------------------------------------------------------------------
     prompts = negatives = labels = None
-    per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 1, MAX_IMAGES)
+    per_prompt = check_int("num_images_per_prompt", a.num_images_per_prompt, 1, MAX_IMAGES)
     if text:
-        if class_labels is not None:
+        if a.class_labels is not None:
             raise RequestError("class_labels", "this is a text-to-image bundle: it takes a prompt, not class labels")
-        if prompt is None:
+        if a.prompt is None:
             raise RequestError("prompt", "a text-to-image bundle needs a prompt")
-        prompts = [p for p in check_prompts("prompt", prompt, allow_empty=False) for _ in range(per_prompt)]
-        if negative_prompt is not None:
-            negatives = check_prompts("negative_prompt", negative_prompt, allow_empty=True)
+        prompts = [p for p in check_prompts("prompt", a.prompt, allow_empty=False) for _ in range(per_prompt)]
+        if a.negative_prompt is not None:
+            negatives = check_prompts("negative_prompt", a.negative_prompt, allow_empty=True)
             if len(negatives) == 1:
                 negatives = negatives * len(prompts)
             elif len(negatives) * per_prompt == len(prompts):
@@ -219,13 +235,13 @@ def validate_request(
                                    f"{len(prompts) // per_prompt} prompts (give one, or one per prompt)")
         images = len(prompts)
     else:
-        if prompt is not None or negative_prompt is not None:
+        if a.prompt is not None or a.negative_prompt is not None:
             raise RequestError("prompt", "this is a class-conditional bundle: it takes class labels, not a prompt")
-        if class_labels is None:
+        if a.class_labels is None:
             raise RequestError("class_labels", "a class-conditional bundle needs class_labels")
         num_classes = bundle.model_config["num_classes"]
         labels = []
-        for c in _as_list("class_labels", class_labels, numbers.Integral):
+        for c in _as_list("class_labels", a.class_labels, numbers.Integral):
             if isinstance(c, bool) or not isinstance(c, numbers.Integral):
                 raise RequestError("class_labels", f"class labels are integers, got {_show(c)}")
             if not 0 <= int(c) < num_classes:
@@ -234,23 +250,18 @@ def validate_request(
         images = len(labels)
     if images > MAX_IMAGES:
         raise RequestError("num_images_per_prompt", f"{images} images in one call; at most {MAX_IMAGES}")
-    plan = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, key_steps=key_steps,
-                cache=cache, scheduler=scheduler, parallel=parallel, max_decoder_batch=max_decoder_batch,
-                noise_injection=noise_injection)
     if bundle.family == "cascade":
-        stage_options = validate_stage_plans(bundle, plan, stage_plans, images)
+        stage_options = validate_stage_plans(bundle, a, a.stage_plans, images)
         options = stage_options[0]
     else:
-        if stage_plans is not None:
+        if a.stage_plans is not None:
             raise RequestError("stage_plans", "applies to cascade bundles (DeepFloyd-IF)")
         stage_options = None
-        options = check_decoder_batch(validate_options(bundle, **plan), images)
-    extras = validate_text_extras(bundle, images, per_prompt, prompt_2, negative_prompt_2, noise_level, dict(
-        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
-        negative_target_size=negative_target_size))
+        options = check_decoder_batch(validate_options(bundle, a), images)
+    extras = validate_text_extras(bundle, a, images, per_prompt)
     # --- sizes, noise, output ----------------------------------------------------------------------------------
-    height, width = check_size(bundle, height, width)
+    height, width = check_size(bundle, a.height, a.width)
+    seed, generator = a.seed, a.generator
     if generator is not None and seed is not None:
         raise RequestError("generator", "give a seed or a generator, not both")
     if isinstance(seed, np.random.Generator):
@@ -258,20 +269,20 @@ def validate_request(
     if generator is not None and not isinstance(generator, np.random.Generator):
         raise RequestError("generator", f"must be a numpy.random.Generator, got {type(generator).__name__}")
     seed = 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
-    if latents is not None:
-        latents = check_latents(bundle, latents, images, height, width, num_frames)
-    if output_type not in OUTPUT_TYPES:
-        raise RequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {_show(output_type)}")
-    if output_type != "latent" and not can_decode:
+    latents = None if a.latents is None else check_latents(bundle, a.latents, images, height, width, num_frames)
+    if a.output_type not in OUTPUT_TYPES:
+        raise RequestError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {_show(a.output_type)}")
+    if a.output_type != "latent" and not can_decode:
         raise RequestError("output_type", "this bundle makes latents, not images (no vae_decoder stage): "
                            "ask for output_type='latent'")
-    scale = check_float("controlnet_conditioning_scale", controlnet_conditioning_scale, -100.0, 100.0)
+    scale = check_float("controlnet_conditioning_scale", a.controlnet_conditioning_scale, -100.0, 100.0)
+    control_image = a.control_image
     if control_image is not None:
         if "controlnet" not in bundle.stages:
             raise RequestError("control_image", "this bundle has no ControlNet stage (build it with --controlnet)")
         control_image = check_control_image(control_image, images, height, width)
     return GenerationRequest(options, images, prompts, negatives, labels, height, width, seed, generator, latents,
-                             output_type, control_image, scale, num_frames, stage_options=stage_options, **extras)
+                             a.output_type, control_image, scale, num_frames, stage_options=stage_options, **extras)
 
 
 def check_decoder_batch(options: SamplingOptions, images: int) -> SamplingOptions:
@@ -282,7 +293,7 @@ def check_decoder_batch(options: SamplingOptions, images: int) -> SamplingOption
     return options
 
 
-def validate_stage_plans(bundle: Bundle, plan: dict, stage_plans: dict | None, images: int) -> tuple:
+def validate_stage_plans(bundle: Bundle, plan: PlanArguments, stage_plans: dict | None, images: int) -> tuple:
     """A cascade's plan per diffusion stage: the bundle's stage default, the plan arguments given for every stage,
     then that stage's ``stage_plans`` entry."""
     stage_plans = {} if stage_plans is None else stage_plans
@@ -299,20 +310,21 @@ def validate_stage_plans(bundle: Bundle, plan: dict, stage_plans: dict | None, i
         if not isinstance(override, dict) or set(override) - set(PLAN_ARGUMENTS):
             raise RequestError("stage_plans", f"{name}: takes plan arguments ({', '.join(PLAN_ARGUMENTS)}), got "
                                f"{_show(override)}")
-        arguments = {**{k: v for k, v in plan.items() if v is not None}, **override}
+        given = {k: getattr(plan, k) for k in PLAN_ARGUMENTS if getattr(plan, k) is not None}
         try:
-            stage_options.append(check_decoder_batch(validate_options(part, **arguments), images))
+            stage_options.append(check_decoder_batch(validate_options(part, PlanArguments(**given, **override)),
+                                                     images))
         except RequestError as exc:
             raise RequestError(exc.field, f"{name}: {exc.message}") from None
     return tuple(stage_options)
 
 
-def validate_text_extras(bundle: Bundle, images: int, per_prompt: int, prompt_2, negative_prompt_2, noise_level,
-                         sizes: dict) -> dict:
+def validate_text_extras(bundle: Bundle, arguments: RequestArguments, images: int, per_prompt: int) -> dict:
     """SDXL's second prompts and size conditioning, IF's noise level: checked, and refused by other families."""
     sdxl = bundle.family == "unet" and bool(bundle.model_config.get("sdxl"))
-    given = {k: v for k, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2), *sizes.items())
-             if v is not None}
+    sizes = {f.name: getattr(arguments, f.name) for f in fields(SizeConditioning)}
+    given = {k: v for k, v in (("prompt_2", arguments.prompt_2), ("negative_prompt_2", arguments.negative_prompt_2),
+                               *sizes.items()) if v is not None}
     if given and not sdxl:
         raise RequestError(next(iter(given)), "applies to SDXL bundles only")
 
@@ -327,10 +339,11 @@ def validate_text_extras(bundle: Bundle, images: int, per_prompt: int, prompt_2,
         raise RequestError(field, f"{len(texts)} prompts for {images // per_prompt} prompts (give one, or one per "
                            f"prompt)")
 
-    extras = {"prompts_2": per_image("prompt_2", prompt_2),
-              "negative_prompts_2": per_image("negative_prompt_2", negative_prompt_2)}
+    extras = {"prompts_2": per_image("prompt_2", arguments.prompt_2),
+              "negative_prompts_2": per_image("negative_prompt_2", arguments.negative_prompt_2)}
     pairs = {k: check_pair(k, v) for k, v in sizes.items() if v is not None}
     extras["size_conditioning"] = SizeConditioning(**pairs) if pairs else None
+    noise_level = arguments.noise_level
     extras["noise_level"] = None if noise_level is None else check_noise_level(bundle, noise_level)
     return extras
 
@@ -353,33 +366,27 @@ def check_noise_level(bundle: Bundle, level: Any) -> int:
     return check_int("noise_level", level, 0, min(limits) - 1)
 
 
-def validate_options(
-    bundle: Bundle,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    key_steps: str | Sequence[int] | None = None,
-    cache: str | None = None,
-    scheduler: str | None = None,
-    parallel: bool | None = None,
-    max_decoder_batch: int | None = None,
-    noise_injection: bool | None = None,
-) -> SamplingOptions:
+def validate_options(bundle: Bundle, plan: PlanArguments) -> SamplingOptions:
     """The plan a call runs: the bundle's default plan with these overrides, each checked (steps the scheduler can
     space, finite guidance, a key-step or cache spec that fits the steps and the bundle's cache variants)."""
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise RequestError("scheduler", f"unknown scheduler {_show(scheduler)}; available: {', '.join(sorted(SCHEDULERS))}")
+    if plan.scheduler is not None and plan.scheduler not in SCHEDULERS:
+        raise RequestError("scheduler", f"unknown scheduler {_show(plan.scheduler)}; available: "
+                           f"{', '.join(sorted(SCHEDULERS))}")
+    key_steps = plan.key_steps
     if key_steps is not None and not isinstance(key_steps, str):
         key_steps = [check_int("key_steps", s, 0) for s in _as_list("key_steps", key_steps, str)]
-    if cache is not None and not isinstance(cache, str):
-        raise RequestError("cache", f"must be a spec like deep0:uniform:3, got {_show(cache)}")
-    if max_decoder_batch is not None:
-        check_int("max_decoder_batch", max_decoder_batch, 1)
-    for field, value in (("parallel", parallel), ("noise_injection", noise_injection)):
+    if plan.cache is not None and not isinstance(plan.cache, str):
+        raise RequestError("cache", f"must be a spec like deep0:uniform:3, got {_show(plan.cache)}")
+    if plan.max_decoder_batch is not None:
+        check_int("max_decoder_batch", plan.max_decoder_batch, 1)
+    for field in ("parallel", "noise_injection"):
+        value = getattr(plan, field)
         if value is not None and not isinstance(value, bool):
             raise RequestError(field, f"must be true or false, got {_show(value)}")
     options = SamplingOptions.from_bundle(
-        bundle, num_steps=num_inference_steps, guidance=guidance_scale, key_steps=key_steps, cache=cache,
-        scheduler=scheduler, parallel=parallel, max_decoder_batch=max_decoder_batch, noise_injection=noise_injection)
+        bundle, num_steps=plan.num_inference_steps, guidance=plan.guidance_scale, key_steps=key_steps,
+        cache=plan.cache, scheduler=plan.scheduler, parallel=plan.parallel, max_decoder_batch=plan.max_decoder_batch,
+        noise_injection=plan.noise_injection)
     steps = check_steps(bundle, options.num_steps, options.scheduler)
     guidance = check_float("guidance_scale", options.guidance, 0.0, MAX_GUIDANCE)
     try:

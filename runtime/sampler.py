@@ -296,10 +296,24 @@ class PlanSampler:
         images = self.runner("vae_decoder").run({"latent": latents.astype(np.float32)})["image"]
         return to_uint8(images)
 
-    def initial_noise_from(self, shape: tuple[int, ...], seed: int, generator: np.random.Generator | None):
-        """z_T: from ``generator`` when given, else from a generator seeded with ``seed``."""
-        rng = generator if generator is not None else np.random.default_rng(seed)
-        return rng.standard_normal(shape, dtype=np.float32)
+    latent_layout = "images, C, H, W"  # z_T's axes, as a wrong-shaped initial noise's error names them
+
+    def noise_shape(self, images: int, **size) -> tuple[int, ...]:
+        """The family's hook: z_T's shape for ``images`` rows at an output size (``height``, ``width``; videos
+        ``frames``)."""
+        raise NotImplementedError
+
+    def start_noise(self, images: int, init_noise: np.ndarray | None, seed: int, generator, **size) -> np.ndarray:
+        """A run's z_T (:meth:`noise_shape`): the caller's ``init_noise``, checked, else drawn from ``generator``
+        (anything with numpy's ``standard_normal``) or, without one, a generator seeded with ``seed``."""
+        shape = self.noise_shape(images, **size)
+        if init_noise is None:
+            rng = generator if generator is not None else np.random.default_rng(seed)
+            return rng.standard_normal(shape, dtype=np.float32)
+        if np.shape(init_noise) != shape:
+            raise SamplingError(f"initial noise has shape {np.shape(init_noise)}, expected {shape} "
+                                f"({self.latent_layout})")
+        return np.asarray(init_noise).astype(np.float32)
 
 
 class SerialRunner:
@@ -324,8 +338,3 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8, rounded like diffusers' numpy_to_pil."""
     return (np.clip(images, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
 
-
-def check_noise(noise: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
-    if noise.shape != expected:
-        raise SamplingError(f"initial noise has shape {noise.shape}, expected {expected} (images, C, H, W)")
-    return noise.astype(np.float32)

@@ -20,15 +20,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .bundle import Bundle
-from .sampler import (
-    PlanSampler,
-    SampleResult,
-    SamplingError,
-    SamplingOptions,
-    check_noise,
-    row_values,
-    tile_per_half,
-)
+from .sampler import PlanSampler, SampleResult, SamplingError, SamplingOptions, row_values, tile_per_half
 from .sdxl import SizeConditioning
 from .tokenizer import ClipTokenizer
 
@@ -90,10 +82,13 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
         text = np.concatenate([first, second["text_embeddings"]], axis=-1)
         return text, {"text_embeds": second["text_embeds"]}
 
+    def noise_shape(self, images: int, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return images, self.latent_channels, height // f, width // f
+
     def initial_noise(self, images: int, height: int, width: int, seed: int,
                       generator: np.random.Generator | None = None) -> np.ndarray:
-        shape = (images, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return self.initial_noise_from(shape, seed, generator)
+        return self.start_noise(images, None, seed, generator, height=height, width=width)
 
     def sample(
         self,
@@ -117,17 +112,12 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
             raise SamplingError("no prompt given")
         if not self.sdxl and (prompt_2 is not None or negative_prompt_2 is not None or size_conditioning is not None):
             raise SamplingError("prompt_2, negative_prompt_2 and the size/crop conditioning apply to SDXL bundles only")
-        height, width = self.output_size(height, width)
-        f = self.vae_scale_factor
-        if height % f or width % f or height < f or width < f:
-            raise SamplingError(f"height and width must be positive multiples of {f}, got {height}x{width}")
-        multiple = f * self.bundle.model_config.get("size_multiple", 1)
+        height, width = self.checked_size(height, width)
+        multiple = self.vae_scale_factor * self.bundle.model_config.get("size_multiple", 1)
         if height % multiple or width % multiple:
             raise SamplingError(f"this model needs height and width in multiples of {multiple}, got {height}x{width}")
         images = len(prompts)
-        expected = (images, self.latent_channels, height // f, width // f)
-        noise = (self.initial_noise(images, height, width, seed, generator) if init_noise is None
-                 else check_noise(init_noise, expected))
+        noise = self.start_noise(images, init_noise, seed, generator, height=height, width=width)
         cfg = options.guidance > 1
         text, conditioning = self.encode_prompt(list(prompts), self._per_image(prompt_2, images, "prompt_2"))
         if cfg:
@@ -171,6 +161,14 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
 
     def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         return height or self.default_size[0], width or self.default_size[1]
+
+    def checked_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The output size (default: the bundle's) in pixels; the VAE needs positive multiples of its scale."""
+        height, width = self.output_size(height, width)
+        f = self.vae_scale_factor
+        if height % f or width % f or height < f or width < f:
+            raise SamplingError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        return height, width
 
     def _check_control(self, image: np.ndarray, images: int, height: int, width: int) -> np.ndarray:
         image = np.asarray(image, np.float32)

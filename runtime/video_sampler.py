@@ -18,16 +18,19 @@ VAE_FRAMES_PER_CALL = 8  # bounds the VAE's activation memory (its cost is per f
 
 class VideoSampler(UNetSampler):
     family = "unet3d"
+    latent_layout = "videos, C, frames, H, W"
 
     def __init__(self, bundle, backend):
         super().__init__(bundle, backend)
         self.default_frames = int(bundle.model_config["num_frames"])
 
+    def noise_shape(self, images: int, height: int, width: int, frames: int | None = None) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return images, self.latent_channels, frames or self.default_frames, height // f, width // f
+
     def initial_noise(self, images: int, height: int, width: int, seed: int, frames: int | None = None,
                       generator: np.random.Generator | None = None) -> np.ndarray:
-        f = self.vae_scale_factor
-        shape = (images, self.latent_channels, frames or self.default_frames, height // f, width // f)
-        return self.initial_noise_from(shape, seed, generator)
+        return self.start_noise(images, None, seed, generator, height=height, width=width, frames=frames)
 
     def sample(
         self,
@@ -51,19 +54,9 @@ class VideoSampler(UNetSampler):
         frames = self.default_frames if num_frames is None else num_frames
         if frames < 1:
             raise SamplingError(f"the number of frames must be at least 1, got {frames}")
-        height, width = self.output_size(height, width)
-        f = self.vae_scale_factor
-        if height % f or width % f or height < f or width < f:
-            raise SamplingError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        height, width = self.checked_size(height, width)
         videos = len(prompts)
-        expected = (videos, self.latent_channels, frames, height // f, width // f)
-        if init_noise is None:
-            noise = self.initial_noise(videos, height, width, seed, frames, generator)
-        elif np.shape(init_noise) != expected:
-            raise SamplingError(f"initial noise has shape {np.shape(init_noise)}, expected {expected} "
-                                f"(videos, C, frames, H, W)")
-        else:
-            noise = np.asarray(init_noise, np.float32)
+        noise = self.start_noise(videos, init_noise, seed, generator, height=height, width=width, frames=frames)
         text = self.encode_text(list(prompts))
         if options.guidance > 1:
             negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * videos

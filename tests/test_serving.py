@@ -270,10 +270,17 @@ def test_orchestrator_over_bls_runs_the_plan_unchanged(digits_dit_bundle, tmp_pa
 # --- a real tritonserver ----------------------------------------------------------------------------------------
 
 
-def start_server(repo):
+def served(bundle, directory, **options):
+    """A fixture's Triton server for the repository written for ``bundle`` in ``directory`` (``options``:
+    RepositoryOptions); stopped, its process gone, when the fixture ends."""
+    from keystep.tools.serve.repository import write_repository
     from keystep.tools.serve.server import TritonServer, find_tritonserver
 
-    return TritonServer(repo, find_tritonserver()).start()
+    repo = write_repository(bundle, directory, serving_options(**options))
+    server = TritonServer(repo, find_tritonserver()).start()
+    yield server
+    server.stop()
+    assert server.process.poll() is not None
 
 
 def serving_options(**kwargs):
@@ -307,14 +314,7 @@ def infer(server, inputs: dict, outputs=("image",), timeout=120):
 @pytest.fixture(scope="module")
 def dit_server(digits_dit_bundle, tmp_path_factory):
     """digits-dit behind Triton: python stage models, BLS stage calls, dynamic batching."""
-    from keystep.tools.serve.repository import write_repository
-
-    repo = write_repository(digits_dit_bundle, tmp_path_factory.mktemp("triton") / "dit",
-                            serving_options(stage_calls="bls", max_batch=4))
-    server = start_server(repo)
-    yield server
-    server.stop()
-    assert server.process.poll() is not None
+    yield from served(digits_dit_bundle, tmp_path_factory.mktemp("triton") / "dit", stage_calls="bls", max_batch=4)
 
 
 def test_triton_dit_images_equal_the_cli(dit_server, digits_dit_bundle, tmp_path):
@@ -366,13 +366,7 @@ def test_triton_bad_requests_get_an_error_and_the_server_keeps_serving(dit_serve
 @pytest.fixture(scope="module")
 def sd_server(sd_bundle_dir, tmp_path_factory):
     """The tiny SD bundle (VAE, latent space) behind Triton, stage calls in-process."""
-    from keystep.tools.serve.repository import write_repository
-
-    repo = write_repository(sd_bundle_dir, tmp_path_factory.mktemp("triton") / "sd",
-                            serving_options(stage_calls="in-process", max_batch=2))
-    server = start_server(repo)
-    yield server
-    server.stop()
+    yield from served(sd_bundle_dir, tmp_path_factory.mktemp("triton") / "sd", stage_calls="in-process", max_batch=2)
 
 
 def test_triton_text_to_image_equals_the_cli(sd_server, sd_bundle_dir, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -15,6 +17,57 @@ from keystep.runtime.sampler import SamplingOptions
 # row name -> (key-step spec, batch a group's decoders into one call)
 PLANS = {"baseline": ("all", True), "key-step": ("default", True), "key-step, sequential": ("default", False)}
 EAGER = "diffusers eager"
+
+
+def save_random_sd_pipeline(pipeline_class, path: Path, unet, text_width: int, **components):
+    """``pipeline_class`` (a diffusers SD-style pipeline) around ``unet``, saved to ``path`` with the small random
+    parts the UNet benchmarks share: a VAE, a 2-layer CLIP text encoder ``text_width`` wide, a byte-level CLIP
+    tokenizer without merges and SD's DDIM scheduler. Their weights come from torch's RNG after the UNet's."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from keystep.runtime.tokenizer import bytes_to_unicode
+
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=text_width, intermediate_size=4 * text_width, num_attention_heads=text_width // 64,
+        num_hidden_layers=2, vocab_size=1000, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+        pad_token_id=513))
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = pipeline_class(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                          scheduler=scheduler, **components)
+    pipe.save_pretrained(path)
+    (path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    return path
+
+
+def one_model_main(module: str, doc: str, run, describe, repeats: int, flag: str, **flag_options):
+    """The ``main(argv)`` of a benchmark of one model against diffusers: ``flag`` (argparse ``flag_options``) picks
+    the model, then ``--steps``, ``--repeats`` and ``--markdown``; it runs ``run(model, steps, repeats)`` and reports
+    the table with the command that reruns it, ``describe(model)`` saying what ran."""
+
+    def main(argv=None) -> int:
+        parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+        parser.add_argument(flag, **flag_options)
+        parser.add_argument("--steps", type=int, default=50)
+        parser.add_argument("--repeats", type=int, default=repeats)
+        parser.add_argument("--markdown", help="also write the table to this file")
+        args = parser.parse_args(argv)
+        model = getattr(args, flag.lstrip("-").replace("-", "_"))
+        r = run(model, args.steps, args.repeats)
+        command = f"python -m {module} {flag} {model} --steps {args.steps} --repeats {args.repeats}"
+        report(r, command, describe(model), args.markdown)
+        return 0
+
+    return main
 
 
 def cpu_name() -> str:

@@ -9,7 +9,6 @@ into a bundle by the normal ``build`` path, so both sides run exactly the same w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import measure, report
+from .common import measure, one_model_main
 
 
 def make_diffusers_dit(preset: str, seed: int):
@@ -98,17 +97,8 @@ def run(preset: str, steps: int, repeats: int, guidance: float = 4.0) -> dict:
     return {**result, "preset": preset, "build_seconds": build_seconds}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="dit-s2")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--markdown", help="also write the table to this file")
-    args = parser.parse_args(argv)
-    r = run(args.preset, args.steps, args.repeats)
-    command = f"python -m keystep.tools.bench.dit --preset {args.preset} --steps {args.steps} --repeats {args.repeats}"
-    report(r, command, f"DiT preset {args.preset}, DDIM", args.markdown)
-    return 0
+main = one_model_main("keystep.tools.bench.dit", __doc__, run, lambda preset: f"DiT preset {preset}, DDIM",
+                      repeats=5, flag="--preset", default="dit-s2")
 
 
 if __name__ == "__main__":

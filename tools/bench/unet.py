@@ -8,22 +8,17 @@ small CLIP text encoder and VAE, saved as a diffusers directory and built by the
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from .common import measure, report
+from .common import measure, one_model_main, save_random_sd_pipeline
 
 
 def make_sd_dir(path: Path, seed: int = 0) -> Path:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from keystep.runtime.tokenizer import bytes_to_unicode
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -31,25 +26,8 @@ def make_sd_dir(path: Path, seed: int = 0) -> Path:
         sample_size=32, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=2, vocab_size=1000,
-        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513))
-    chars = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(path)
-    (path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    return path
+    return save_random_sd_pipeline(StableDiffusionPipeline, path, unet, text_width=768, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def run(size: int, steps: int, repeats: int, guidance: float = 7.5) -> dict:
@@ -86,17 +64,9 @@ def run(size: int, steps: int, repeats: int, guidance: float = 7.5) -> dict:
     return {**result, "size": size, "build_seconds": build_seconds}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=256, help="image height = width in pixels")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--markdown", help="also write the table to this file")
-    args = parser.parse_args(argv)
-    r = run(args.size, args.steps, args.repeats)
-    command = f"python -m keystep.tools.bench.unet --size {args.size} --steps {args.steps} --repeats {args.repeats}"
-    report(r, command, f"reduced SD UNet 160/320/640, {args.size}×{args.size} px, DDIM", args.markdown)
-    return 0
+main = one_model_main("keystep.tools.bench.unet", __doc__, run,
+                      lambda size: f"reduced SD UNet 160/320/640, {size}×{size} px, DDIM", repeats=3,
+                      flag="--size", type=int, default=256, help="image height = width in pixels")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import EAGER, report
+from .common import EAGER, report, save_random_sd_pipeline
 
 # row -> (key-step spec, batch decoders, --max-decoder-batch). Only the CPU default (one decoder call per step) is
 # timed: ONNX Runtime's CPU arena peaks at ~9 GB for the sequential key-step plan and ~15 GB once the full graph has
@@ -47,10 +47,7 @@ UNET3D = dict(
 
 def make_video_dir(path: Path, size: int, seed: int = 0) -> Path:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from keystep.runtime.tokenizer import bytes_to_unicode
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet3DConditionModel(sample_size=size // 8, **UNET3D)
@@ -58,24 +55,7 @@ def make_video_dir(path: Path, size: int, seed: int = 0) -> Path:
         for module in unet.modules():
             if type(module).__name__ == "TemporalConvLayer":
                 module.conv4[-1].weight.normal_(0, 0.02)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=2, vocab_size=1000,
-        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513))
-    chars = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = TextToVideoSDPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                                 unet=unet.eval(), scheduler=scheduler)
-    pipe.save_pretrained(path)
-    (path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    return path
+    return save_random_sd_pipeline(TextToVideoSDPipeline, path, unet, text_width=512)
 
 
 def prepare(work: Path, size: int, frames: int, steps: int) -> dict:

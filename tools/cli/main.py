@@ -10,7 +10,7 @@ import sys
 from keystep.runtime.backends.base import backend_names
 from keystep.runtime.bundle import Bundle
 from keystep.runtime.errors import KeystepError
-from keystep.runtime.request import RequestError, validate_options
+from keystep.runtime.request import PlanArguments, RequestError, validate_options
 from keystep.runtime.sampler import SamplingError, SamplingOptions
 from keystep.runtime.schedulers import SCHEDULERS
 
@@ -79,7 +79,7 @@ def plan_arguments(args) -> dict:
 
 def options_from_args(bundle: Bundle, args) -> SamplingOptions:
     """The plan the flags ask for, checked by the same layer the Python API uses."""
-    return validate_options(bundle, **plan_arguments(args))
+    return validate_options(bundle, PlanArguments(**plan_arguments(args)))
 
 
 def cmd_build(args) -> int:

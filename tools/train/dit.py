@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .resumable import (Budget, StateError, add_resume_arguments, capture_rng, checkpoint_iterations,
+                        default_state_path, load_state, restore_rng, save_state)
 from .timestep_sampling import SAMPLERS, TimestepSampler, linear_alphas_cumprod
 
 DIGITS_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
@@ -83,7 +85,6 @@ def train(out: Path, iters: int | None, sampler: str = "uniform", batch: int = 1
     import torch
 
     from .digits import load_digit_images
-    from .resumable import Budget, StateError, capture_rng, default_state_path, load_state, restore_rng, save_state
 
     state_path = state_path or default_state_path(out)
     saved = load_state(state_path, STATE_KIND) if resume else None
@@ -165,17 +166,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoints", default="", help="also save the EMA at these iterations (comma list)")
-    parser.add_argument("--state", help="training state file (default: OUT.state.pt)")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in the state file")
-    parser.add_argument("--max-minutes", type=float, help="stop after this long, state saved; continue with --resume")
+    add_resume_arguments(parser, checkpoints_help="also save the EMA at these iterations (comma list)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
-    try:
-        checkpoints = tuple(int(c) for c in args.checkpoints.split(",") if c)
-    except ValueError:
-        parser.error(f"--checkpoints takes iteration numbers separated by commas, got {args.checkpoints!r}")
-    from .resumable import StateError
+    checkpoints = checkpoint_iterations(parser, args.checkpoints)
 
     if args.threads:
         import torch

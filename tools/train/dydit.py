@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .resumable import Budget, StateError, capture_rng, default_state_path, load_state, restore_rng, save_state
+from .resumable import (Budget, StateError, add_resume_arguments, capture_rng, checkpoint_iterations,
+                        default_state_path, load_state, restore_rng, save_state)
 from .timestep_sampling import linear_alphas_cumprod
 
 GUMBEL_TAU = 5.0
@@ -428,11 +429,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ema", type=float, default=Recipe.ema, help="EMA decay of the saved weights (0: last iterate)")
     parser.add_argument("--token-skip", choices=["on", "off"], default="off",
                         help="train token routers (DyDiT's spatial token skipping; default off: width only)")
-    parser.add_argument("--checkpoints", default="",
-                        help="also save the model at these iterations (comma list; kept across --resume)")
-    parser.add_argument("--state", help="training state file (default: OUT.state.pt)")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in the state file")
-    parser.add_argument("--max-minutes", type=float, help="stop after this long, state saved; continue with --resume")
+    add_resume_arguments(parser, checkpoints_help="also save the model at these iterations (comma list; kept across "
+                                                  "--resume)")
     parser.add_argument("--chunk-iters", type=int, help="stop after this many iterations, state saved")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -440,10 +438,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        checkpoints = tuple(int(c) for c in args.checkpoints.split(",") if c)
-    except ValueError:
-        parser.error(f"--checkpoints takes iteration numbers separated by commas, got {args.checkpoints!r}")
+    checkpoints = checkpoint_iterations(parser, args.checkpoints)
     recipe = None
     if not args.resume:
         if args.target is None or not 0 < args.target <= 1:

@@ -9,6 +9,7 @@ killed mid-save leaves the previous state intact.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -19,6 +20,22 @@ STATE_VERSION = 1
 
 class StateError(Exception):
     """A training state that cannot be resumed (missing, unreadable, or from another kind of run)."""
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser, checkpoints_help: str) -> None:
+    """The flags of a run that trains in chunks: extra checkpoints, the state file, ``--resume`` and the budget."""
+    parser.add_argument("--checkpoints", default="", help=checkpoints_help)
+    parser.add_argument("--state", help="training state file (default: OUT.state.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in the state file")
+    parser.add_argument("--max-minutes", type=float, help="stop after this long, state saved; continue with --resume")
+
+
+def checkpoint_iterations(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    """``--checkpoints``' iteration numbers (a comma list); anything else is the parser's usage error."""
+    try:
+        return tuple(int(c) for c in text.split(",") if c)
+    except ValueError:
+        parser.error(f"--checkpoints takes iteration numbers separated by commas, got {text!r}")
 
 
 def default_state_path(out: Path) -> Path:
