@@ -170,13 +170,10 @@ def run_eager(workload: str, preset: str, work: Path, steps: int, repeats: int, 
                          timed(run, repeats))
     from diffusers import DDIMScheduler
 
-    from keystep.export.build import DIT_TRAINING_SCHEDULE
-
-    from .dit import eager_diffusers_loop, make_diffusers_dit
+    from .dit import diffusers_ddim_config, eager_diffusers_loop, make_diffusers_dit
 
     transformer = make_diffusers_dit(preset, seed=0)
-    config = {k: v for k, v in DIT_TRAINING_SCHEDULE.items() if k in DDIMScheduler.__init__.__code__.co_varnames}
-    scheduler = DDIMScheduler.from_config({**config, "clip_sample": True})
+    scheduler = DDIMScheduler.from_config(diffusers_ddim_config(clip_sample=True))
     channels, side = transformer.config.in_channels, transformer.config.sample_size
     z_T = np.random.default_rng(0).standard_normal((1, channels, side, side), dtype=np.float32)
     return eager_row(f"eager PyTorch {torch.__version__} fp32 (diffusers DiTTransformer2DModel)",

@@ -61,11 +61,23 @@ def eager_diffusers_loop(transformer, scheduler, z_T, labels, guidance: float, s
     return latents.numpy()
 
 
+def diffusers_ddim_config(clip_sample: bool) -> dict:
+    """diffusers' DDIMScheduler config on DiT's training betas: the eager rows' scheduler. DiT's own schedule also
+    names keystep-only keys (``timestep_respacing`` of its respaced DDIM), which DDIMScheduler refuses."""
+    from diffusers import DDIMScheduler
+
+    from keystep.export.build import DIT_TRAINING_SCHEDULE
+
+    accepted = DDIMScheduler.__init__.__code__.co_varnames
+    return {"_class_name": "DDIMScheduler", **{k: v for k, v in DIT_TRAINING_SCHEDULE.items() if k in accepted},
+            "clip_sample": clip_sample}
+
+
 def run(preset: str, steps: int, repeats: int, guidance: float = 4.0) -> dict:
     import torch
     from diffusers import DDIMScheduler
 
-    from keystep.export.build import DIT_TRAINING_SCHEDULE, build_dit_bundle
+    from keystep.export.build import build_dit_bundle
     from keystep.runtime.backends.base import get_backend
     from keystep.runtime.bundle import Bundle
     from keystep.runtime.dit_sampler import DiTSampler
@@ -76,9 +88,7 @@ def run(preset: str, steps: int, repeats: int, guidance: float = 4.0) -> dict:
     transformer.save_pretrained(work / "transformer")
     # bundle and eager loop sample with diffusers' DDIM on DiT's betas, clipping x0 as random weights need (their
     # unclipped samples grow to |x| ~ 1e3 and the two loops' float32 differences with them)
-    config = {"_class_name": "DDIMScheduler", **{k: v for k, v in DIT_TRAINING_SCHEDULE.items()
-                                                  if k in DDIMScheduler.__init__.__code__.co_varnames},
-              "clip_sample": True}
+    config = diffusers_ddim_config(clip_sample=True)
     (work / "scheduler.json").write_text(json.dumps(config))
     reference_scheduler = DDIMScheduler.from_config(config)
     t0 = time.perf_counter()

@@ -87,19 +87,19 @@ def tuned_plan(sampler, steps: int, guidance: float, target: float, calibrate: d
 def dit_bench(args, work: Path) -> tuple[str, list[Row]]:
     from diffusers import DDIMScheduler
 
-    from keystep.export.build import DIT_TRAINING_SCHEDULE, build_dit_bundle
+    from keystep.export.build import build_dit_bundle
     from keystep.runtime.backends.base import get_backend
     from keystep.runtime.bundle import Bundle
     from keystep.runtime.dit_sampler import DiTSampler
 
-    from .dit import eager_diffusers_loop, make_diffusers_dit
+    from .dit import diffusers_ddim_config, eager_diffusers_loop, make_diffusers_dit
 
     guidance, steps = 4.0, args.steps
     transformer = make_diffusers_dit(args.preset, seed=0)
     transformer.save_pretrained(work / "transformer")
     depth = transformer.config.num_layers
     long, short = f"2-{depth - 3}", f"{depth // 4 + 1}-{depth - depth // 4 - 2}"  # 2-9 and 4-7 for DiT-S/2
-    scheduler = DDIMScheduler(**{k: v for k, v in DIT_TRAINING_SCHEDULE.items() if not k.startswith("_")})
+    scheduler = DDIMScheduler.from_config(diffusers_ddim_config(clip_sample=False))
     dense = build_dit_bundle(str(work / "transformer"), str(work / "dit"), steps=steps, scheduler="ddim",
                              cache=f"blocks:{long},{short}", progress=lambda m: None)
     width = build_dit_bundle(f"random:dydit-{args.preset.split('-', 1)[1]}", str(work / "dydit"), steps=steps,
