@@ -12,13 +12,12 @@ weights (see timestep_sampling.py). ``--checkpoints 500,1000`` also saves the EM
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from .resumable import (Budget, StateError, add_resume_arguments, capture_rng, checkpoint_iterations,
-                        default_state_path, load_state, restore_rng, save_state)
+                        default_state_path, load_state, restore_rng, run_chunk, save_state)
 from .timestep_sampling import SAMPLERS, TimestepSampler, linear_alphas_cumprod
 
 DIGITS_DIT = dict(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
@@ -175,18 +174,12 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        iters = args.iters or (None if args.resume else 3000)
-        r = train(Path(args.out), iters, args.sampler, args.batch, args.lr, args.seed, checkpoints,
-                  state_path=Path(args.state) if args.state else None, resume=args.resume,
-                  max_minutes=args.max_minutes)
-    except StateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not r["done"]:
-        print(f"stopped at iteration {r['iteration']} after {r['seconds']:.0f} s of training — continue with: "
-              f"python -m keystep.tools.train.dit --out {args.out} --resume")
-        return 0
+    iters = args.iters or (None if args.resume else 3000)
+    r = run_chunk(lambda: train(Path(args.out), iters, args.sampler, args.batch, args.lr, args.seed, checkpoints,
+                                state_path=Path(args.state) if args.state else None, resume=args.resume,
+                                max_minutes=args.max_minutes), "keystep.tools.train.dit", args.out)
+    if isinstance(r, int):
+        return r
     print(f"trained in {r['seconds']:.0f} s, final loss {r['final_loss']:.4f} -> {args.out}")
     return 0
 

@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .resumable import (Budget, StateError, add_resume_arguments, capture_rng, checkpoint_iterations,
-                        default_state_path, load_state, restore_rng, save_state)
+                        default_state_path, load_state, restore_rng, run_chunk, save_state)
 from .timestep_sampling import linear_alphas_cumprod
 
 GUMBEL_TAU = 5.0
@@ -448,16 +447,10 @@ def main(argv=None) -> int:
                         noise_weight=args.noise_weight, distill_weight=args.distill, full_weight=args.full_weight,
                         freeze_routers_at=args.freeze_routers_at, ema=args.ema, token_skip=args.token_skip == "on")
     out = Path(args.out)
-    try:
-        r = run(recipe, out, Path(args.state) if args.state else None, args.resume, args.max_minutes, args.iters,
-                checkpoints, args.chunk_iters)
-    except StateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not r["done"]:
-        print(f"stopped at iteration {r['iteration']} after {r['seconds']:.0f} s of training; state in {r['state']} — "
-              f"continue with: python -m keystep.tools.train.dydit --out {args.out} --resume")
-        return 0
+    r = run_chunk(lambda: run(recipe, out, Path(args.state) if args.state else None, args.resume, args.max_minutes,
+                              args.iters, checkpoints, args.chunk_iters), "keystep.tools.train.dydit", args.out)
+    if isinstance(r, int):
+        return r
     f = r["final"]
     print(f"trained in {r['seconds']:.0f} s; last {LOG_EVERY} iters: dynamic {f['dynamic_mse']:.4f}, full "
           f"{f['full_loss']:.4f}, FLOPs ratio {f['flops_ratio']:.3f} -> {args.out}")

@@ -10,8 +10,10 @@ killed mid-save leaves the previous state intact.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -36,6 +38,23 @@ def checkpoint_iterations(parser: argparse.ArgumentParser, text: str) -> tuple[i
         return tuple(int(c) for c in text.split(",") if c)
     except ValueError:
         parser.error(f"--checkpoints takes iteration numbers separated by commas, got {text!r}")
+
+
+def run_chunk(train: Callable[[], dict], module: str, out: str) -> dict | int:
+    """One chunk of a resumable run from its command line: the result when training finished; otherwise the command's
+    exit code after one line saying why it stopped (2: a state that cannot be resumed; 0: the time budget ran out,
+    with the command that continues)."""
+    try:
+        result = train()
+    except StateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not result["done"]:
+        state = f"; state in {result['state']}" if result.get("state") else ""
+        print(f"stopped at iteration {result['iteration']} after {result['seconds']:.0f} s of training{state} — "
+              f"continue with: python -m {module} --out {out} --resume")
+        return 0
+    return result
 
 
 def default_state_path(out: Path) -> Path:
