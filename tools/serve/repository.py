@@ -136,7 +136,7 @@ def stage_config(spec: StageSpec, options: RepositoryOptions, bundle_rel: str, m
                 accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
                 accelerator.name = "tensorrt"
                 accelerator.parameters["precision_mode"] = "FP16"
-                # no workspace size: TensorRT >= 10 has no max_workspace_size; its memory pool defaults to the device
+                # no workspace limit is set: the TensorRT memory pool defaults to the whole device
         else:
             config.backend = "python"
             python_parameters(config, options, {"bundle": bundle_rel, "stage": spec.name, "backend": options.backend,
