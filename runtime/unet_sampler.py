@@ -15,6 +15,7 @@ decoder call, tiled per half like the text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -38,10 +39,14 @@ class SplitUNetFeeds:
     conditioning tiled per CFG half over the call's steps, each row with its own timestep. Contexts have ``text``
     and ``conditioning``."""
 
+    @cached_property
+    def encoder_features(self) -> list[str]:
+        """What the encoder hands the decoders: skip_0..skip_{n-1}, mid (looked up once, not every step)."""
+        return [o.name for o in self.bundle.stage("encoder").outputs]
+
     def decoder_feeds(self, cache, step_t, images, cfg, ctx):
         steps = len(step_t)
-        skips = [o.name for o in self.bundle.stage("encoder").outputs]  # skip_0..skip_{n-1}, mid
-        feeds = {name: tile_per_half(cache[name], steps, cfg) for name in skips}
+        feeds = {name: tile_per_half(cache[name], steps, cfg) for name in self.encoder_features}
         feeds["timestep"] = row_values(step_t, images, cfg)
         feeds["encoder_hidden_states"] = tile_per_half(ctx.text, steps, cfg)
         feeds.update({name: tile_per_half(rows, steps, cfg) for name, rows in ctx.conditioning.items()})
@@ -64,8 +69,7 @@ class UNetSampler(SplitUNetFeeds, PlanSampler):
         self.tokenizer = ClipTokenizer.from_dir(bundle.root / "tokenizer")
         self.sdxl = cfg.get("sdxl")  # None for SD 1.x/2.x
         self.tokenizer_2 = ClipTokenizer.from_dir(bundle.root / "tokenizer_2") if self.sdxl else None
-        outputs = [o.name for o in bundle.stage("encoder").outputs]
-        self.skip_names = [n for n in outputs if n.startswith("skip_")]
+        self.skip_names = [n for n in self.encoder_features if n.startswith("skip_")]
 
     def encode_text(self, prompts: list[str]) -> np.ndarray:
         """The first text encoder's embeddings (SD 1.x/2.x: the UNet's ``encoder_hidden_states``)."""
