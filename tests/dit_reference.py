@@ -96,7 +96,6 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "OriginalDiT",

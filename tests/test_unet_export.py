@@ -10,19 +10,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from keystep.export.bundle_writer import export_stage, write_bundle
+from keystep.export.bundle_writer import export_stage
 from keystep.export.errors import ModelLoadError
 from keystep.export.unet_export import (
     LoadedSD,
     load_controlnet,
     load_sd_pipeline_dir,
     trace_latent_size,
-    unet_model_config,
     unet_stages,
 )
 from keystep.export.unet_model import UNetFullStage, level_sizes, skip_layout
 from keystep.runtime.bundle import Bundle
-from sd_reference import tiny_clip, tiny_controlnet, tiny_tokenizer_vocab, tiny_unet, tiny_vae
+from sd_reference import tiny_unet
 
 # (batch, latent height, latent width, text_len): the export traces at batch 2, 16 x 18, text_len 7
 # (66 rows: diffusers branches on batch >= 64 in Upsample2D; a decoder call over several steps easily has that many)

@@ -17,7 +17,6 @@ import argparse
 import os
 import signal
 import site
-import statistics
 import sys
 import tempfile
 import threading

@@ -9,7 +9,6 @@ that makes only latents refuses. Files are written whole or not at all (temp fil
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -26,7 +26,6 @@ def load_digit_images(size: int = RESOLUTION) -> tuple[np.ndarray, np.ndarray]:
 
 
 def classifier_module():
-    import torch
     from torch import nn
 
     class DigitClassifier(nn.Module):
