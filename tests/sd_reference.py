@@ -3,7 +3,6 @@
 Nothing here imports keystep: these are the references keystep's UNet stages and sampler are checked against.
 """
 
-
 import torch
 
 TINY_UNET = dict(

@@ -26,8 +26,8 @@ def product_shape(op) -> tuple[int, int, int] | None:
     data, out = op.input(0).get_partial_shape(), op.output(0).get_partial_shape()
     if data.is_dynamic or out.is_dynamic:
         return None
-    dims = [d.get_length() for d in data]
-    return int(np.prod(dims[:-1])), dims[-1], out[out.rank.get_length() - 1].get_length()
+    dims = list(data.to_shape())
+    return int(np.prod(dims[:-1])), dims[-1], out.to_shape()[-1]
 
 
 def profile_stage(core, spec, precision: str, batch: int, runs: int, seed: int = 0) -> dict:
